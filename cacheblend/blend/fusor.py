@@ -1,0 +1,156 @@
+"""The cache fusor: one layer loop that serves every method.
+
+A ``FusionPlan`` says which rows of the prompt come from cache (``cached``), which tokens are
+computed from layer 0 (``active``), and at which layers the computed chunk tokens are narrowed
+(``checks``). Then, per layer i:
+
+1. cached rows of layer i are loaded into the request KV, keys rotated to their positions;
+2. q/k/v of the active tokens are computed; at a check layer, their fresh K/V are compared with
+   the cached rows and a selector keeps the high-deviation chunk tokens (tokens outside chunks,
+   the suffix above all, are always kept);
+3. fresh K/V overwrite the cached rows of the tokens computed at this layer;
+4. the kept queries attend with the exact causal mask: query position p sees every key <= p.
+
+full: nothing cached, all active. prefix: cached exact prefix, the rest active. reuse: chunks
+cached, suffix active. epic: chunks cached, first k of each chunk + suffix active. blend: chunks
+cached, chunks + suffix active, narrowed at the check layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cacheblend.blend.loader import CachedSpan, LayerLoader
+from cacheblend.blend.select import Candidates, Selector, kv_deviation
+from cacheblend.kv import RequestKV
+from cacheblend.model.runner import ModelRunner
+
+
+@dataclass
+class FusionPlan:
+    ids: torch.Tensor  # (T,) the whole prompt
+    active: torch.Tensor  # (n,) sorted positions computed from layer 0; must contain T-1
+    cached: list[CachedSpan] = field(default_factory=list)
+    chunk_spans: list[tuple[int, int]] = field(default_factory=list)
+    checks: list[tuple[int, Selector]] = field(default_factory=list)
+    deviation: str = "k"
+    capture: bool = False  # record pre-RoPE K/V of active rows (plans without checks only)
+
+    def __post_init__(self) -> None:
+        total = self.ids.shape[0]
+        assert self.active.numel() > 0 and int(self.active[-1]) == total - 1, "suffix must run"
+        assert not (self.capture and self.checks), "capture needs a fixed active set"
+        covered = torch.zeros(total, dtype=torch.bool)
+        for span in self.cached:
+            covered[span.start : span.end] = True
+        covered[self.active] = True
+        assert bool(covered.all()), "every position must be cached or computed"
+
+    @property
+    def num_chunk_tokens(self) -> int:
+        return sum(e - s for s, e in self.chunk_spans)
+
+
+@dataclass
+class FusionResult:
+    logits: torch.Tensor  # (V,) for the last prompt position
+    computed: torch.Tensor  # positions whose K/V at the last layer are fresh (sorted)
+    active_per_layer: list[int]
+    captured: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (K pre-RoPE, V)
+    load_seconds: float = 0.0
+
+
+def _in_chunks(positions: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    mask = torch.zeros_like(positions, dtype=torch.bool)
+    for start, end in spans:
+        mask |= (positions >= start) & (positions < end)
+    return mask
+
+
+class Fusor:
+    def __init__(self, runner: ModelRunner, prefetch: bool = False) -> None:
+        self.runner = runner
+        self.prefetch = prefetch
+
+    @torch.inference_mode()
+    def run(self, plan: FusionPlan, kv: RequestKV) -> FusionResult:
+        runner, rope = self.runner, self.runner.rope
+        total = plan.ids.shape[0]
+        assert kv.capacity >= total
+        positions = plan.active.to(kv.keys.device)
+        hidden = runner.embed(plan.ids.to(kv.keys.device)[positions])  # (n, D)
+        key_positions = torch.arange(total, device=positions.device)
+        checks = dict(plan.checks)
+        loader = LayerLoader(plan.cached, rope, kv, prefetch=self.prefetch)
+        cached_rows = torch.zeros(total, dtype=torch.bool)
+        for span in plan.cached:
+            cached_rows[span.start : span.end] = True
+        captured = [] if plan.capture else None
+        active_per_layer = []
+
+        def build_mask(pos: torch.Tensor):
+            if pos.shape[0] == total:  # all positions in order: the causal fast path
+                return None
+            return key_positions[None, :] <= pos[:, None]  # (n, T): key position <= query
+
+        mask = build_mask(positions)
+        last = runner.num_layers - 1
+        try:
+            for index in range(runner.num_layers):
+                # Cached rows are needed unless every one of them is recomputed at this layer.
+                recomputed_all = bool(cached_rows[positions.cpu()].sum() == cached_rows.sum())
+                if index in checks or not recomputed_all:
+                    loader.load(index, runner.num_layers)
+                q, k_raw, v = runner.project_qkv(index, hidden)
+                if captured is not None:
+                    captured.append((k_raw, v))
+                k = rope.apply(k_raw, positions)
+                layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
+                if index in checks:
+                    keep = self._select(plan, checks[index], positions, k, v,
+                                        layer_keys, layer_values)
+                # Fresh K/V overwrite cached rows for every token computed at this layer.
+                layer_keys[:, positions] = k
+                layer_values[:, positions] = v
+                if index in checks:
+                    hidden, q, positions = hidden[keep], q[:, keep], positions[keep]
+                    mask = build_mask(positions)
+                active_per_layer.append(int(positions.shape[0]))
+                if index == last:
+                    computed = positions
+                    # Only the last position's output is read.
+                    hidden, q, positions = hidden[-1:], q[:, -1:], positions[-1:]
+                    mask = None
+                q = rope.apply(q, positions)
+                attn = runner.attend(q, layer_keys, layer_values, mask=mask, causal=mask is None
+                                     and positions.shape[0] == total)
+                hidden = runner.finish_layer(index, hidden, attn)
+        finally:
+            loader.close()
+        kv.length = total
+        return FusionResult(
+            logits=runner.logits(hidden[-1:])[0],
+            computed=computed,
+            active_per_layer=active_per_layer,
+            captured=captured,
+        )
+
+    @staticmethod
+    def _select(plan: FusionPlan, selector: Selector, positions, fresh_k, fresh_v,
+                layer_keys, layer_values) -> torch.Tensor:
+        """Bool mask over the active tokens: non-chunk tokens always, chunk tokens by selector."""
+        in_chunk = _in_chunks(positions, plan.chunk_spans)
+        keep = ~in_chunk
+        chunk_index = in_chunk.nonzero().squeeze(1)
+        if chunk_index.numel():
+            chunk_positions = positions[chunk_index]
+            deviation = kv_deviation(
+                fresh_k[:, chunk_index], layer_keys[:, chunk_positions],
+                fresh_v[:, chunk_index], layer_values[:, chunk_positions], plan.deviation,
+            )
+            candidates = Candidates(chunk_positions, deviation, plan.chunk_spans,
+                                    plan.num_chunk_tokens)
+            keep[chunk_index] = selector.keep(candidates)
+        return keep

@@ -1,0 +1,120 @@
+"""Every knob, as frozen dataclasses validated at construction; loaded from YAML and overrides."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from cacheblend.errors import ConfigError
+
+METHODS = ("full", "prefix", "reuse", "blend", "epic")
+DEVIATIONS = ("v", "k", "kv")
+PRECOMPUTE_MODES = ("alone", "sink", "preamble", "prefix")
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """How a request's chunk caches are fused.
+
+    check_layers / check_ratios: the gradual-filtering schedule. At check_layers[j] the tokens
+    still being computed are narrowed, by KV deviation, to check_ratios[j] of the chunk tokens.
+    The last ratio is the request's recompute ratio; a request's ``ratio`` replaces it (and
+    scales the earlier ones by the same factor).
+    """
+
+    method: str = "blend"
+    check_layers: tuple[int, ...] = (1,)
+    check_ratios: tuple[float, ...] = (0.15,)
+    deviation: str = "k"
+    first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
+    epic_k: int = 16
+    precompute: str = "prefix"
+    preamble: str = "Document:\n"
+    min_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.deviation not in DEVIATIONS:
+            raise ConfigError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if self.precompute not in PRECOMPUTE_MODES:
+            raise ConfigError(f"precompute must be one of {PRECOMPUTE_MODES}, got {self.precompute!r}")
+        if not self.check_layers or len(self.check_layers) != len(self.check_ratios):
+            raise ConfigError("check_layers and check_ratios must be non-empty and of equal length")
+        if list(self.check_layers) != sorted(set(self.check_layers)) or self.check_layers[0] < 0:
+            raise ConfigError("check_layers must be increasing and >= 0")
+        if any(not 0.0 <= r <= 1.0 for r in self.check_ratios):
+            raise ConfigError("check_ratios must lie in [0, 1]")
+        if list(self.check_ratios) != sorted(self.check_ratios, reverse=True):
+            raise ConfigError("check_ratios must not increase (each check layer narrows the set)")
+        if self.epic_k < 0 or self.first_k < 0:
+            raise ConfigError("epic_k and first_k must be >= 0")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ConfigError("min_ratio must lie in [0, 1]")
+
+    @property
+    def ratio(self) -> float:
+        return self.check_ratios[-1]
+
+    def with_ratio(self, ratio: float) -> BlendConfig:
+        """The same schedule narrowed to ``ratio`` at the last check layer."""
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"ratio must lie in [0, 1], got {ratio}")
+        ratio = max(ratio, self.min_ratio)
+        scale = ratio / self.ratio if self.ratio > 0 else 1.0
+        ratios = tuple(min(1.0, max(ratio, r * scale)) for r in self.check_ratios[:-1]) + (ratio,)
+        return replace(self, check_ratios=ratios)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    device: str = "cpu"
+    store: str = "memory"  # a store URL, see cacheblend.store.factory
+    store_codec: str = "fp16"
+    threads: int | None = None
+    system_prompt: str = "You are a helpful assistant. Answer using the documents."
+    instruction: str = "Read the documents below and answer the question."
+    max_new_tokens: int = 64
+    blend: BlendConfig = field(default_factory=BlendConfig)
+
+    def __post_init__(self) -> None:
+        if self.store_codec not in ("fp32", "fp16", "int8"):
+            raise ConfigError(f"store_codec must be fp32, fp16 or int8, got {self.store_codec!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, values: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
+
+
+def load_config(path: str | Path | None = None, **overrides) -> EngineConfig:
+    """EngineConfig from an optional YAML file, then keyword overrides (None values ignored)."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {path} must be a mapping")
+    blend_values = dict(values.pop("blend", {}) or {})
+    blend_values.update(overrides.pop("blend", {}) or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return _build(EngineConfig, {**values, "blend": _build(BlendConfig, blend_values)})
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,109 @@
+"""Sampling and stopping: greedy, or temperature / top-k / top-p with a seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cacheblend.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise InvalidRequestError(f"temperature must lie in [0, 5], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+
+
+class Sampler:
+    """Picks the next token from logits; one per request (it owns the request's RNG)."""
+
+    def __init__(self, params: SamplingParams, device: str | torch.device = "cpu") -> None:
+        self.params = params
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits (V,) -> token id."""
+        p = self.params
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits.float() / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            drop = cumulative - sorted_probs > p.top_p  # keep the smallest set reaching top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class StopChecker:
+    """Tracks generated text; finds EOS and stop strings (which are cut from the output)."""
+
+    def __init__(self, tokenizer, params: SamplingParams, eos_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.eos_ids = eos_ids
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+
+    def add(self, token: int) -> str:
+        """Record a token; return the newly final text (may be empty while a stop may start)."""
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            return ""
+        self.tokens.append(token)
+        full = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for stop in self.params.stop:
+            cut = full.find(stop)
+            if cut != -1:
+                self.finish_reason = "stop"
+                delta, self.text = full[len(self.text) : cut], full[:cut]
+                return delta
+        if len(self.tokens) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        # Hold back text that could be the start of a stop string, and incomplete UTF-8.
+        safe = len(full)
+        if full.endswith("\ufffd"):
+            safe = len(full) - 1
+        for stop in self.params.stop:
+            for n in range(min(len(stop) - 1, len(full)), 0, -1):
+                if full.endswith(stop[:n]):
+                    safe = min(safe, len(full) - n)
+                    break
+        if self.finish_reason is not None:
+            safe = len(full)
+        delta = full[len(self.text) : safe] if safe > len(self.text) else ""
+        self.text += delta
+        return delta
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,28 @@
+"""The per-request KV cache: what the fusor fills and the decode loop extends."""
+
+from __future__ import annotations
+
+import torch
+
+
+class RequestKV:
+    """Per-layer keys (after RoPE) and values for one request, slot index == token position.
+
+    keys, values: (num_layers, num_kv_heads, capacity, head_dim) fp32.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 device: str | torch.device = "cpu") -> None:
+        shape = (num_layers, num_kv_heads, capacity, head_dim)
+        self.keys = torch.empty(shape, dtype=torch.float32, device=device)
+        self.values = torch.empty(shape, dtype=torch.float32, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def layer(self, index: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one layer's first ``length`` (default: all valid) rows."""
+        n = self.length if length is None else length
+        return self.keys[index, :, :n], self.values[index, :, :n]

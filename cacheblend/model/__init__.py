@@ -1,0 +1,1 @@
+"""Model loading (bundled GGUF, HF dirs), fingerprinting, RoPE, and the layer-wise runner."""

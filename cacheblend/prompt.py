@@ -1,0 +1,108 @@
+"""Request -> segments (prefix | chunk 1 | ... | chunk n | suffix) as token ids.
+
+Each segment is tokenized alone and the prompt is the concatenation of the id lists: a chunk's
+ids are the same wherever it appears, so its cache entry can be found and reused. Text never goes
+back through the tokenizer after it is split. The chat template decides where segments sit: it is
+rendered once with placeholders, and split at them. User text (documents, question) is tokenized
+with special-token parsing off, so a document cannot inject control tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DOCS_MARK = "\x00CACHEBLEND_DOCUMENTS\x00"
+QUESTION_MARK = "\x00CACHEBLEND_QUESTION\x00"
+CHUNK_END = "\n\n"
+
+
+@dataclass(frozen=True)
+class Segments:
+    prefix: tuple[int, ...]
+    chunks: tuple[tuple[int, ...], ...]
+    suffix: tuple[int, ...]
+
+    @property
+    def ids(self) -> list[int]:
+        out = list(self.prefix)
+        for chunk in self.chunks:
+            out.extend(chunk)
+        out.extend(self.suffix)
+        return out
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prefix) + sum(len(c) for c in self.chunks) + len(self.suffix)
+
+    def chunk_spans(self) -> list[tuple[int, int]]:
+        """(start, end) positions of each chunk in the prompt."""
+        spans, start = [], len(self.prefix)
+        for chunk in self.chunks:
+            spans.append((start, start + len(chunk)))
+            start += len(chunk)
+        return spans
+
+
+class PromptBuilder:
+    """Turns (system, instruction, documents, question) or separator-split text into Segments."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def template_ids(self, text: str) -> tuple[int, ...]:
+        """Tokenize template text: special-token strings become control tokens."""
+        if not text:
+            return ()
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def user_ids(self, text: str) -> tuple[int, ...]:
+        """Tokenize user text: special-token strings stay plain text."""
+        if not text:
+            return ()
+        return tuple(
+            self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        )
+
+    def chunk_ids(self, document: str) -> tuple[int, ...]:
+        return self.user_ids(document.strip() + CHUNK_END)
+
+    def render(self, system: str | None, user: str) -> str:
+        if not self.has_template:
+            head = f"{system}\n\n" if system else ""
+            return f"{head}{user}\nAnswer:"
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": user})
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def build(self, system: str | None, instruction: str, documents: list[str],
+              question: str) -> Segments:
+        user = f"{instruction}\n\n{DOCS_MARK}Question: {QUESTION_MARK}" if instruction else (
+            f"{DOCS_MARK}Question: {QUESTION_MARK}"
+        )
+        text = self.render(system, user)
+        head, tail = text.split(DOCS_MARK)
+        between, after = tail.split(QUESTION_MARK)
+        suffix = self.template_ids(between) + self.user_ids(question) + self.template_ids(after)
+        return Segments(
+            prefix=self.template_ids(head),
+            chunks=tuple(self.chunk_ids(d) for d in documents),
+            suffix=suffix,
+        )
+
+    def split_by_separator(self, text: str, separator: str) -> Segments:
+        """LMCache-style: ``prefix SEP chunk SEP ... SEP suffix``; each piece tokenized alone.
+
+        The text is rendered template text (control tokens parsed); with no separator in it the
+        whole text is the suffix.
+        """
+        pieces = text.split(separator)
+        if len(pieces) == 1:
+            return Segments(prefix=(), chunks=(), suffix=self.template_ids(text))
+        return Segments(
+            prefix=self.template_ids(pieces[0]),
+            chunks=tuple(self.template_ids(p) for p in pieces[1:-1] if p),
+            suffix=self.template_ids(pieces[-1]),
+        )
