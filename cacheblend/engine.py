@@ -102,7 +102,7 @@ class Engine:
             torch.set_num_threads(self.config.threads)
         self.loaded = loaded or load_model(self.config.model, self.config.device)
         self.tokenizer = self.loaded.tokenizer
-        self.runner = ModelRunner(self.loaded.model)
+        self.runner = self.loaded.runner()
         self.fusor = Fusor(self.runner)
         self.prompts = PromptBuilder(self.tokenizer)
         self.store = store if store is not None else _open_store(self.config.store)

@@ -67,27 +67,49 @@ class PromptBuilder:
     def chunk_ids(self, document: str) -> tuple[int, ...]:
         return self.user_ids(document.strip() + CHUNK_END)
 
-    def render(self, system: str | None, user: str) -> str:
-        if not self.has_template:
-            head = f"{system}\n\n" if system else ""
-            return f"{head}{user}\nAnswer:"
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": user})
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+    def render(self, messages: list[dict]) -> str:
+        if self.has_template:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        lines = [m["content"] for m in messages]
+        return "\n\n".join(lines) + "\nAnswer:"
 
     def build(self, system: str | None, instruction: str, documents: list[str],
               question: str) -> Segments:
-        user = f"{instruction}\n\n{DOCS_MARK}Question: {QUESTION_MARK}" if instruction else (
-            f"{DOCS_MARK}Question: {QUESTION_MARK}"
-        )
-        text = self.render(system, user)
-        head, tail = text.split(DOCS_MARK)
+        """prefix = template head + system + instruction; chunks = documents; suffix = question
+        + the rest of the template (generation prompt)."""
+        user = f"{instruction}\n\n" if instruction else ""
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": user + "Question: " + question})
+        return self.build_messages(messages, documents, question_prefix=user)
+
+    def build_messages(self, messages: list[dict], documents: list[str],
+                       question_prefix: str = "") -> Segments:
+        """A chat conversation with documents placed at the start of the last user message,
+        after ``question_prefix`` (text of that message that precedes the documents).
+
+        Everything before the documents is the prefix; the rest of the last user message and
+        the generation prompt are the suffix.
+        """
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"),
+                        default=None)
+        if last_user is None:
+            raise ValueError("a conversation needs at least one user message")
+        content = messages[last_user]["content"]
+        if question_prefix and content.startswith(question_prefix):
+            head, question = question_prefix, content[len(question_prefix):]
+        else:
+            head, question = "", content
+        marked = [dict(m) for m in messages]
+        marked[last_user]["content"] = f"{head}{DOCS_MARK}{QUESTION_MARK}"
+        text = self.render(marked)
+        before, tail = text.split(DOCS_MARK)
         between, after = tail.split(QUESTION_MARK)
+        prefix_text, head_text = (before[: len(before) - len(head)], head) if head else (before, "")
         suffix = self.template_ids(between) + self.user_ids(question) + self.template_ids(after)
         return Segments(
-            prefix=self.template_ids(head),
+            prefix=self.template_ids(prefix_text) + self.user_ids(head_text),
             chunks=tuple(self.chunk_ids(d) for d in documents),
             suffix=suffix,
         )

@@ -38,6 +38,15 @@ class LoadedModel:
     name: str
     fingerprint: str  # hex digest over config + weights
     path: Path  # the safetensors directory the model was loaded from
+    _runner: object = None
+
+    def runner(self):
+        """The ModelRunner over this model, built once (it fuses the weights in place)."""
+        if self._runner is None:
+            from cacheblend.model.runner import ModelRunner
+
+            self._runner = ModelRunner(self.model)
+        return self._runner
 
 
 def bundled_gguf_path() -> Path:

@@ -173,15 +173,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(
-        self, ids: torch.Tensor, return_kv: bool = False, last_only: bool = True
+        self, ids: torch.Tensor, return_kv: bool = False, num_logits: int = 1
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
         """Full causal prefill of ids (n,) at positions 0..n-1.
 
-        Returns logits (1 or n, V) and, if asked, per-layer (K before RoPE, V), each (KV, n, hd).
+        Returns logits (num_logits, V) for the last positions and, if asked, per-layer
+        (K before RoPE, V), each (KV, n, hd).
         """
         n = ids.shape[0]
         if n > self.max_positions:
             raise ValueError(f"{n} tokens exceed the model's {self.max_positions} positions")
+        num_logits = min(num_logits, n)
         hidden = self.embed(ids)
         kv = [] if return_kv else None
         last = self.num_layers - 1
@@ -190,11 +192,16 @@ class ModelRunner:
             if kv is not None:
                 kv.append((k, v))
             k = self.rope.apply_range(k, 0)
-            if index == last and last_only:
-                # Only the last token's output is read: its query alone, against every key.
-                q = self.rope.apply_range(q[:, -1:], n - 1)
-                hidden = self.finish_layer(index, hidden[-1:], self.attend(q, k, v))
+            if index == last and num_logits < n:
+                # Only the last positions' outputs are read: their queries alone, masked.
+                q = self.rope.apply_range(q[:, -num_logits:], n - num_logits)
+                mask = None
+                if num_logits > 1:
+                    query_positions = torch.arange(n - num_logits, n, device=ids.device)
+                    mask = torch.arange(n, device=ids.device)[None, :] <= query_positions[:, None]
+                attn = self.attend(q, k, v, mask=mask)
+                hidden = self.finish_layer(index, hidden[-num_logits:], attn)
             else:
                 q = self.rope.apply_range(q, 0)
                 hidden = self.finish_layer(index, hidden, self.attend(q, k, v, causal=True))
-        return self.logits(hidden[-1:] if last_only else hidden), kv
+        return self.logits(hidden[-num_logits:]), kv

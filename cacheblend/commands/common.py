@@ -1,0 +1,38 @@
+"""Arguments shared by every subcommand that builds an Engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from cacheblend.config import METHODS, EngineConfig, load_config
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF model dir or GGUF file (default: bundled SmolLM2)")
+    parser.add_argument("--store", help="store URL: memory | disk:/path | redis://host:port/db "
+                        "| a comma-separated list of tiers")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--device", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, help="torch threads")
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=METHODS, help="default: blend")
+    parser.add_argument("--ratio", type=float, help="blend recompute ratio (default 0.15)")
+
+
+def engine_config(args: argparse.Namespace, **blend) -> EngineConfig:
+    return load_config(
+        args.config,
+        model=args.model,
+        store=args.store,
+        device=args.device,
+        threads=args.threads,
+        blend={k: v for k, v in blend.items() if v is not None},
+    )
+
+
+def make_engine(args: argparse.Namespace, **blend):
+    from cacheblend.engine import Engine  # torch/transformers load only when needed
+
+    return Engine(engine_config(args, **blend))
