@@ -27,6 +27,7 @@ from cacheblend.model.loader import LoadedModel, load_model
 from cacheblend.model.runner import ModelRunner
 from cacheblend.prompt import PromptBuilder, Segments
 from cacheblend.store.base import ChunkKV, KVStore
+from cacheblend.store.factory import open_store
 from cacheblend.store.keys import chunk_key, prefix_key
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,11 @@ class Engine:
         self.runner = self.loaded.runner()
         self.fusor = Fusor(self.runner)
         self.prompts = PromptBuilder(self.tokenizer)
-        self.store = store if store is not None else _open_store(self.config.store)
         self.fingerprint = self.loaded.fingerprint
+        if store is None:
+            store = open_store(self.config.store, model_fingerprint=self.fingerprint,
+                               codec=self.config.store_codec)
+        self.store = store
         self.eos_ids = _eos_ids(self.tokenizer, self.loaded.model)
         self.lock = threading.RLock()  # one model: requests compute one at a time
 
@@ -386,15 +390,3 @@ def _eos_ids(tokenizer, model) -> set[int]:
         elif isinstance(value, list | tuple):
             ids.update(int(v) for v in value)
     return ids
-
-
-def _open_store(url: str) -> KVStore:
-    try:
-        from cacheblend.store.factory import open_store
-    except ImportError:  # the tiers are optional; memory always works
-        from cacheblend.store.memory import MemoryStore
-
-        if url != "memory":
-            raise
-        return MemoryStore()
-    return open_store(url)

@@ -81,7 +81,6 @@ class Fusor:
         assert kv.capacity >= total
         positions = plan.active.to(kv.keys.device)
         hidden = runner.embed(plan.ids.to(kv.keys.device)[positions])  # (n, D)
-        key_positions = torch.arange(total, device=positions.device)
         checks = dict(plan.checks)
         loader = LayerLoader(plan.cached, rope, kv, prefetch=self.prefetch)
         cached_rows = torch.zeros(total, dtype=torch.bool)
@@ -90,12 +89,6 @@ class Fusor:
         captured = [] if plan.capture else None
         active_per_layer = []
 
-        def build_mask(pos: torch.Tensor):
-            if pos.shape[0] == total:  # all positions in order: the causal fast path
-                return None
-            return key_positions[None, :] <= pos[:, None]  # (n, T): key position <= query
-
-        mask = build_mask(positions)
         last = runner.num_layers - 1
         try:
             for index in range(runner.num_layers):
@@ -116,16 +109,16 @@ class Fusor:
                 layer_values[:, positions] = v
                 if index in checks:
                     hidden, q, positions = hidden[keep], q[:, keep], positions[keep]
-                    mask = build_mask(positions)
                 active_per_layer.append(int(positions.shape[0]))
                 if index == last:
                     computed = positions
                     # Only the last position's output is read.
                     hidden, q, positions = hidden[-1:], q[:, -1:], positions[-1:]
-                    mask = None
                 q = rope.apply(q, positions)
-                attn = runner.attend(q, layer_keys, layer_values, mask=mask, causal=mask is None
-                                     and positions.shape[0] == total)
+                if positions.shape[0] == total:  # every position in order: plain causal
+                    attn = runner.attend(q, layer_keys, layer_values, causal=True)
+                else:  # exact causal mask: query at p sees keys at positions <= p
+                    attn = runner.attend_at(q, layer_keys, layer_values, positions)
                 hidden = runner.finish_layer(index, hidden, attn)
         finally:
             loader.close()

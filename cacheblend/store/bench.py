@@ -112,7 +112,10 @@ def bench_store(
         "tiers": {},
     }
     tiers = result["tiers"]
-    tiers["memory"] = _bench_tier(MemoryStore(), key, kv, repeats)
+    tiers["memory"] = {
+        "note": "get returns the stored object (no copy); load_fp32 is the real cost",
+        **_bench_tier(MemoryStore(), key, kv, repeats),
+    }
     with tempfile.TemporaryDirectory(prefix="cacheblend-bench-") as directory:
         tiers["disk"] = _bench_tier(DiskStore(directory, max_bytes=4 * kv.nbytes), key, kv, repeats)
     tiers["redis"] = _bench_redis(redis_url, key, kv, repeats)
@@ -121,14 +124,17 @@ def bench_store(
 
 def _bench_redis(redis_url: str | None, key: str, kv: ChunkKV, repeats: int) -> dict:
     try:
+        from redis.utils import HIREDIS_AVAILABLE
+
         from cacheblend.store.redis_store import RedisStore
         from cacheblend.store.valkey_server import ValkeyServer
     except ImportError as exc:
         return {"skipped": f"redis-py not installed ({exc})"}
+    parser = {"parser": "hiredis" if HIREDIS_AVAILABLE else "python (pip install hiredis)"}
     if redis_url is not None:
         store = RedisStore(redis_url, prefix="cacheblend-bench:")
         try:
-            return _bench_tier(store, key, kv, repeats)
+            return {**parser, **_bench_tier(store, key, kv, repeats)}
         finally:
             store.delete(key)
             store.close()
@@ -139,6 +145,10 @@ def _bench_redis(redis_url: str | None, key: str, kv: ChunkKV, repeats: int) -> 
     with server:
         store = RedisStore(server.url, prefix="cacheblend-bench:")
         try:
-            return {"server": "local valkey-server", **_bench_tier(store, key, kv, repeats)}
+            return {
+                "server": "local valkey-server",
+                **parser,
+                **_bench_tier(store, key, kv, repeats),
+            }
         finally:
             store.close()

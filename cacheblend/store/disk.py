@@ -24,9 +24,10 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,13 @@ SUFFIX = ".kv"
 TEMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
 _KEY_RE = re.compile(r"^[0-9A-Za-z_-]{2,200}$")
+
+
+def _touch(path: Path) -> None:
+    """Set mtime (the LRU clock) to now, at full resolution: the kernel's own "now" is
+    jiffy-coarse, which would tie entries written or read within a few milliseconds."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,8 @@ class DiskStore(BlobStore):
             self.warn_once("read", "disk store %s: cannot read %s (%s)", self.root, path, exc)
             return None
         if touch:
-            try:
-                os.utime(path)  # LRU clock shared by every process
-            except OSError:
-                pass  # read-only directory or already evicted: recency is best effort
+            with suppress(OSError):  # read-only directory or evicted: recency is best effort
+                _touch(path)
         return blob
 
     def _write(self, key: str, blob: bytes) -> None:
@@ -146,7 +152,7 @@ class DiskStore(BlobStore):
         try:
             with self._writer_lock():
                 if path.exists():  # entries are immutable: keep it, mark it used
-                    os.utime(path)
+                    _touch(path)
                     return
                 self._make_room(size)
                 path.parent.mkdir(exist_ok=True)
@@ -156,8 +162,10 @@ class DiskStore(BlobStore):
                         file.flush()
                         os.fsync(file.fileno())
                 os.replace(temp, path)
+                _touch(path)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            with suppress(OSError):
+                temp.unlink(missing_ok=True)
             self._write_failed(exc)
 
     def _make_room(self, size: int) -> None:

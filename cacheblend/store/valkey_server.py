@@ -51,7 +51,8 @@ def ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
 class ValkeyServer:
     """A local server process on ``port`` (a free one by default); a context manager.
 
-    ``kill()`` / ``start()`` simulate a crash and a restart on the same port (data is lost).
+    ``kill()`` then ``start()`` simulate a crash and a restart on the same port (data is lost);
+    ``pause()`` / ``resume()`` a hung server.
     """
 
     def __init__(self, port: int | None = None, binary: str | None = None) -> None:
@@ -99,9 +100,20 @@ class ValkeyServer:
             self._process.wait()
         self._process = None
 
+    def pause(self) -> None:
+        """SIGSTOP the server: it accepts connections but never answers (a hung server)."""
+        if self.running:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        if self.running:
+            self._process.send_signal(signal.SIGCONT)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the server (SIGKILL after ``timeout`` seconds)."""
         if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)  # a paused server cannot exit
             self._process.terminate()
             try:
                 self._process.wait(timeout)

@@ -1,0 +1,1 @@
+"""Benchmarks (not timed tests): prefill speed, TTFT per method, store throughput, serving."""

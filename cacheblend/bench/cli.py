@@ -1,0 +1,121 @@
+"""`cacheblend bench prefill|ttft|store|serve`: print JSON (or a summary) of one benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+
+from cacheblend.commands.common import add_engine_args, engine_config
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (results belong in docs/)")
+    kinds = parser.add_subparsers(dest="bench", required=True)
+
+    prefill = kinds.add_parser("prefill", help="runner prefill vs transformers' forward")
+    prefill.add_argument("--lengths", default="512,1024,2048,3072,4096")
+    prefill.add_argument("--repeats", type=int, default=3)
+    prefill.add_argument("--json", action="store_true")
+    add_engine_args(prefill)
+    prefill.set_defaults(handler=run_prefill)
+
+    ttft = kinds.add_parser("ttft", help="TTFT of every method on one RAG prompt")
+    ttft.add_argument("--chunks", type=int, default=6)
+    ttft.add_argument("--chunk-tokens", type=int, default=512)
+    ttft.add_argument("--ratio", type=float, default=0.15)
+    ttft.add_argument("--repeats", type=int, default=3)
+    ttft.add_argument("--prefetch", action="store_true", help="load layer i+1 during layer i")
+    ttft.add_argument("--json", action="store_true")
+    add_engine_args(ttft)
+    ttft.set_defaults(handler=run_ttft)
+
+    store = kinds.add_parser("store", help="store load throughput and bytes per token")
+    store.add_argument("--tokens", type=int, default=3072)
+    store.add_argument("--redis-url", help="a running server (default: start a local one)")
+    store.add_argument("--json", action="store_true")
+    store.set_defaults(handler=run_store)
+
+    serve = kinds.add_parser("serve", help="requests/s and TTFT under Poisson arrivals")
+    serve.add_argument("--json", action="store_true")
+    serve.add_argument("--rates", default=None, help="comma-separated request rates (req/s)")
+    serve.add_argument("--duration", type=float, default=None, help="seconds per rate")
+    serve.add_argument("--docs", type=int, default=6)
+    serve.add_argument("--doc-tokens", type=int, default=512)
+    serve.add_argument("--pool", type=int, default=None, help="document pool size")
+    add_engine_args(serve)
+    serve.set_defaults(handler=run_serve)
+
+
+def _print(result: dict, as_json: bool) -> None:
+    print(json.dumps(result, indent=None if as_json else 2))
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    from cacheblend.bench.prefill import bench_prefill
+    from cacheblend.model.loader import load_model
+
+    config = engine_config(args)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    loaded = load_model(config.model, config.device)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    _print(bench_prefill(loaded, lengths, repeats=args.repeats), args.json)
+    return 0
+
+
+@contextlib.contextmanager
+def _store_url(name: str | None):
+    """`memory`, `disk` (a temp dir), `redis` (a local server started here), or a full URL."""
+    if name in (None, "memory"):
+        yield "memory"
+    elif name == "disk":
+        with tempfile.TemporaryDirectory(prefix="cacheblend-bench-") as path:
+            yield f"disk:{path}"
+    elif name == "redis":
+        from cacheblend.store.valkey_server import ValkeyServer
+
+        with ValkeyServer() as server:
+            yield server.url
+    else:
+        yield name
+
+
+def run_ttft(args: argparse.Namespace) -> int:
+    from cacheblend.bench.ttft import bench_ttft
+    from cacheblend.engine import Engine
+
+    with _store_url(args.store) as url:
+        args.store = url
+        engine = Engine(engine_config(args))
+        engine.fusor.prefetch = args.prefetch
+        result = bench_ttft(engine, args.chunks, args.chunk_tokens, args.ratio, args.repeats)
+        result["store"] = url.split(":")[0]
+        result["prefetch"] = args.prefetch
+        engine.store.close()
+    _print(result, args.json)
+    return 0
+
+
+def run_store(args: argparse.Namespace) -> int:
+    from cacheblend.store.bench import bench_store
+
+    _print(bench_store(tokens=args.tokens, redis_url=args.redis_url), args.json)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from cacheblend.bench.serve import bench_serve
+
+    options = {"docs": args.docs, "doc_tokens": args.doc_tokens}
+    if args.rates:
+        options["rates"] = [float(x) for x in args.rates.split(",")]
+    if args.duration:
+        options["duration"] = args.duration
+    if args.pool:
+        options["pool"] = args.pool
+    _print(bench_serve(engine_config(args), **options), args.json)
+    return 0

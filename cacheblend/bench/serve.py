@@ -1,0 +1,216 @@
+"""`cacheblend bench serve`: the HTTP server under load, over real HTTP on loopback.
+
+``bench_serve``: RAG chat requests (``docs`` documents of ``doc_tokens`` tokens each, drawn
+from a pool so that documents recur) arrive as a Poisson process at each rate, for ``full`` and
+``blend``; reported per method and rate: requests/s completed, TTFT p50/p99 (client side: the
+first streamed token), end-to-end latency, errors. The pool is uploaded first
+(``POST /v1/documents``), as a RAG deployment precomputes its corpus.
+
+``bench_batching``: closed-loop clients decoding long answers with ``max_batch_size`` 1 (one
+request at a time) and larger; tokens/s and requests/s, in interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+
+import httpx
+
+from cacheblend.commands.demo_corpus import DOCUMENTS, QUESTIONS
+from cacheblend.config import EngineConfig
+from cacheblend.engine import Engine
+from cacheblend.server.app import create_app
+from cacheblend.server.background import BackgroundServer
+from cacheblend.server.settings import ServerSettings
+
+
+def _engine(config: EngineConfig | Engine | None, loaded=None) -> Engine:
+    if isinstance(config, Engine):
+        return config
+    return Engine(config or EngineConfig(), loaded=loaded)
+
+
+def make_documents(engine: Engine, count: int, tokens: int) -> list[str]:
+    """``count`` distinct documents of about ``tokens`` tokens: windows of the demo corpus."""
+    ids = list(engine.prompts.user_ids(" ".join(DOCUMENTS.values())))
+    while len(ids) < tokens + 37 * count:
+        ids = ids + ids
+    return [engine.tokenizer.decode(ids[37 * i : 37 * i + tokens]).strip() for i in range(count)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def _chat(client: httpx.AsyncClient, body: dict) -> dict:
+    """One streamed chat request: TTFT and latency seen by the client, tokens, stats."""
+    start = time.perf_counter()
+    ttft, stats, tokens = None, {}, 0
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return {"error": f"{r.status_code}: {r.text[:200]}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"error": chunk["error"]["message"]}
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                tokens += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+            stats = chunk.get("cacheblend", stats)
+    latency = time.perf_counter() - start
+    return {"ttft": ttft if ttft is not None else latency, "latency": latency,
+            "completion_tokens": stats.get("completion_tokens", tokens), "stats": stats}
+
+
+def _summary(results: list[dict], elapsed: float) -> dict:
+    done = [r for r in results if "error" not in r]
+    ttfts = [r["ttft"] for r in done]
+    latencies = [r["latency"] for r in done]
+    return {
+        "requests": len(results),
+        "completed": len(done),
+        "errors": len(results) - len(done),
+        "elapsed_s": round(elapsed, 3),
+        "requests_per_s": round(len(done) / elapsed, 4) if elapsed > 0 else None,
+        "tokens_per_s": round(sum(r["completion_tokens"] for r in done) / elapsed, 3)
+        if elapsed > 0 else None,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p99_s": percentile(latencies, 99),
+        "missed_tokens": sum(r["stats"].get("missed_tokens", 0) for r in done),
+        "first_error": next((r["error"] for r in results if "error" in r), None),
+    }
+
+
+async def _poisson_run(url: str, model: str, method: str, rate: float, duration: float,
+                       ids: list[str], docs: int, max_tokens: int, rng: random.Random,
+                       drain: float) -> dict:
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=url, timeout=drain + duration, limits=limits) as client:
+        tasks, start = [], time.perf_counter()
+        at = rng.expovariate(rate)
+        while at < duration:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            body = {"model": model, "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": rng.choice(QUESTIONS)[0]}],
+                    "documents": [{"id": i} for i in rng.sample(ids, docs)],
+                    "cacheblend": {"method": method}}
+            tasks.append(asyncio.ensure_future(_chat(client, body)))
+            at += rng.expovariate(rate)
+        if not tasks:
+            return _summary([], duration)
+        done, pending = await asyncio.wait(tasks, timeout=drain + max(0.0, start + duration -
+                                                                       time.perf_counter()))
+        for task in pending:
+            task.cancel()
+        results = [t.result() if t in done and not t.exception() else
+                   {"error": "timeout" if t in pending else repr(t.exception())} for t in tasks]
+        return _summary(results, time.perf_counter() - start)
+
+
+def bench_serve(config: EngineConfig | Engine | None = None, *, docs: int = 6,
+                doc_tokens: int = 512, pool: int | None = None,
+                rates: list[float] | tuple[float, ...] = (0.05, 0.1, 0.2),
+                duration: float = 120.0, methods: tuple[str, ...] = ("full", "blend"),
+                max_tokens: int = 8, max_batch_size: int | None = None, drain: float = 300.0,
+                seed: int = 0, loaded=None) -> dict:
+    """Requests/s and TTFT p50/p99 under Poisson arrivals, per method and rate (see module)."""
+    engine = _engine(config, loaded)
+    pool = pool or 4 * docs
+    if pool < docs:
+        raise ValueError(f"pool ({pool}) must hold at least docs ({docs}) documents")
+    settings = ServerSettings(max_batch_size=max_batch_size or ServerSettings.max_batch_size,
+                              max_tokens_limit=max(max_tokens, 1))
+    texts = make_documents(engine, pool, doc_tokens)
+    out: dict = {"docs": docs, "doc_tokens": doc_tokens, "pool": pool, "duration_s": duration,
+                 "max_tokens": max_tokens, "max_batch_size": settings.max_batch_size,
+                 "store": engine.config.store.split(":")[0], "results": {}}
+    with BackgroundServer(create_app(engine, settings)) as server:
+        model = settings.served_model_name or engine.loaded.name
+        with httpx.Client(base_url=server.url, timeout=drain) as client:
+            upload = client.post("/v1/documents", json={"documents": texts})
+            upload.raise_for_status()
+            ids = [d["id"] for d in upload.json()["data"]]
+            out["doc_tokens_actual"] = statistics.mean(d["num_tokens"]
+                                                       for d in upload.json()["data"])
+        rng = random.Random(seed)
+        for method in methods:  # one warm-up request per method (not timed)
+            asyncio.run(_poisson_run(server.url, model, method, 1e9, 1e-9, ids, docs, 1, rng,
+                                     drain))
+        for method in methods:
+            out["results"][method] = {}
+            for rate in rates:
+                summary = asyncio.run(_poisson_run(server.url, model, method, rate, duration,
+                                                   ids, docs, max_tokens, rng, drain))
+                out["results"][method][str(rate)] = summary
+    return out
+
+
+async def _closed_loop(url: str, model: str, clients: int, requests_each: int,
+                       max_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def one_client(index: int) -> list[dict]:
+            results = []
+            for turn in range(requests_each):
+                body = {"model": model, "max_tokens": max_tokens, "messages": [{
+                    "role": "user",
+                    "content": f"Write a long story about dragon number {index}-{turn}."}]}
+                results.append(await _chat(client, body))
+            return results
+
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(one_client(i) for i in range(clients)))
+        return _summary([r for rs in per_client for r in rs], time.perf_counter() - start)
+
+
+def bench_batching(config: EngineConfig | Engine | None = None, *, clients: int = 8,
+                   requests_each: int = 2, max_tokens: int = 32,
+                   batch_sizes: tuple[int, ...] = (1, 8), rounds: int = 2, loaded=None) -> dict:
+    """Does batching decode steps across requests raise throughput? Closed-loop ``clients``
+    run against servers with each ``max_batch_size``, in interleaved rounds; medians."""
+    engine = _engine(config, loaded)
+    runs: dict[int, list[dict]] = {size: [] for size in batch_sizes}
+    servers = {size: BackgroundServer(create_app(engine, ServerSettings(
+        max_batch_size=size, max_tokens_limit=max_tokens))).start() for size in batch_sizes}
+    model = engine.loaded.name
+    try:
+        for size, server in servers.items():  # warm-up
+            asyncio.run(_closed_loop(server.url, model, 1, 1, 2))
+        for _ in range(rounds):
+            for size, server in servers.items():
+                runs[size].append(asyncio.run(_closed_loop(server.url, model, clients,
+                                                           requests_each, max_tokens)))
+    finally:
+        for server in servers.values():
+            server.stop()
+    out: dict = {"clients": clients, "requests_each": requests_each, "max_tokens": max_tokens,
+                 "rounds": rounds, "results": {}}
+    for size, summaries in runs.items():
+        out["results"][str(size)] = {
+            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in summaries),
+            "requests_per_s": statistics.median(s["requests_per_s"] for s in summaries),
+            "latency_p50_s": statistics.median(s["latency_p50_s"] for s in summaries),
+            "errors": sum(s["errors"] for s in summaries),
+        }
+    return out
+
+
+if __name__ == "__main__":  # python -m cacheblend.bench.serve [batching]
+    import sys
+
+    if sys.argv[1:2] == ["batching"]:
+        print(json.dumps(bench_batching(), indent=2))
+    else:
+        print(json.dumps(bench_serve(duration=30.0), indent=2))

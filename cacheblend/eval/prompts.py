@@ -1,0 +1,69 @@
+"""The evaluation prompts, all in one place: one template per task kind.
+
+In the spirit of the CacheBlend paper's prompts (an instruction, the passages, then the query),
+written for this project. The layout is the engine's RAG layout:
+
+    prefix = chat template head + system + instruction          (the same for every example)
+    chunks = the passages, each tokenized alone                 (reused from the store)
+    suffix = the query text + the generation prompt             (always computed)
+
+Passages carry no "Passage i" numbering: a chunk's tokens must not depend on where it sits, or
+its cache entry could not be reused at another position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cacheblend.eval.datasets import Example
+from cacheblend.prompt import PromptBuilder, Segments
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    system: str
+    instruction: str  # before the passages
+    query: str  # after the passages; ``{query}`` is the example's query
+    max_tokens: int  # default decode length for the task
+
+
+PROMPTS = {
+    "qa": TaskPrompt(
+        system="You are a helpful assistant. You answer questions using the given passages.",
+        instruction="Answer the question using the passages below. Some passages may be "
+                    "irrelevant.",
+        query="Question: {query}\nAnswer the question in a few words, with no explanation.",
+        max_tokens=32,
+    ),
+    "news": TaskPrompt(
+        system="You are a helpful assistant. You write concise news summaries.",
+        instruction="Below are several news articles about one story.",
+        query="Summarise the news articles above in one paragraph.",
+        max_tokens=128,
+    ),
+    "dialogue": TaskPrompt(
+        system="You are a helpful assistant. You summarise conversations.",
+        instruction="Below are example dialogues, each followed by its summary.",
+        query="Summarise the following dialogue in one or two sentences, like the examples "
+              "above.\n\nDialogue:\n{query}",
+        max_tokens=128,
+    ),
+}
+
+
+def build_segments(builder: PromptBuilder, example: Example) -> Segments:
+    """The example's prompt as token-id segments (see the module docstring)."""
+    prompt = PROMPTS[example.kind]
+    head = f"{prompt.instruction}\n\n"
+    messages = [
+        {"role": "system", "content": prompt.system},
+        {"role": "user", "content": head + prompt.query.format(query=example.query)},
+    ]
+    return builder.build_messages(messages, list(example.documents), question_prefix=head)
+
+
+def prompts_version() -> str:
+    """A short digest of every template: results from other prompts are never mixed."""
+    text = repr(sorted((kind, p) for kind, p in PROMPTS.items()))
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()

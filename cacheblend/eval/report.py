@@ -1,0 +1,122 @@
+"""Markdown: one table per dataset, the TTFT sweep, plot links and the exact commands.
+
+``write_report(out_dir, ...)`` writes ``out_dir/results.md`` (a ``docs/results.md``-style
+page) and copies the plots next to it, so the page is self-contained wherever it is placed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from cacheblend.eval.plots import METRIC_NAMES
+
+REPORT_FILE = "results.md"
+PLOTS_DIR = "results_plots"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 10 ** -digits:
+            return f"{value:.1e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def dataset_table(summary: dict) -> str:
+    """Markdown table: one row per method."""
+    metric = summary["metric"]
+    name = METRIC_NAMES.get(metric, metric)
+    full_ttft = summary["methods"].get("full", {}).get("ttft_s")
+    lines = [
+        f"| method | n | KL(full‖m) first token | top-1 agree | {name} | {name} vs full | "
+        "TTFT s (mean) | speed-up vs full | recomputed of chunks | computed of prompt |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in summary["methods"].items():
+        ttft = m.get("ttft_s")
+        speedup = full_ttft / ttft if full_ttft and ttft else None
+        lines.append(
+            f"| `{label}` | {m['n']} | {_fmt(m.get('kl_first_token'), 4)} | "
+            f"{_fmt(m.get('top1_agreement'), 2)} | {_fmt(m.get(metric))} | "
+            f"{_fmt(m.get(f'{metric}_vs_full'))} | {_fmt(ttft)} | "
+            f"{'-' if speedup is None else f'{speedup:.2f}x'} | "
+            f"{_pct(m.get('recomputed_frac'))} | {_pct(m.get('computed_frac'))} |"
+        )
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def sweep_table(sweep: dict) -> str:
+    labels = list(sweep["methods"])
+    lines = ["| prompt tokens | " + " | ".join(f"`{label}`" for label in labels) + " |",
+             "|---:|" + "---:|" * len(labels)]
+    for index, length in enumerate(sweep["lengths"]):
+        cells, tokens = [], None
+        for label in labels:
+            rows = sweep["methods"][label]
+            row = rows[index] if index < len(rows) else None
+            tokens = tokens or (row and row["prompt_tokens"])
+            cells.append(_fmt(row["ttft_s"]) if row else "-")
+        lines.append(f"| {tokens or length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _place(plot: Path, out_dir: Path) -> str:
+    """A link to ``plot`` relative to ``out_dir`` (copied into it when outside)."""
+    plot, out_dir = plot.resolve(), out_dir.resolve()
+    if not plot.is_relative_to(out_dir):
+        target = out_dir / PLOTS_DIR / plot.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, target)
+        plot = target
+    return plot.relative_to(out_dir).as_posix()
+
+
+def write_report(out_dir: str | Path, summaries: list[dict], sweep: dict | None = None,
+                 commands: list[str] | None = None,
+                 plots: dict[str, dict[str, Path]] | None = None) -> Path:
+    """Write ``out_dir/results.md``. ``plots``: {dataset or "ttft_sweep": {name: png path}}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plots or {}
+    parts = ["# Evaluation results", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `cacheblend eval`."]
+    if commands:
+        parts += ["", "Commands:", "", "```", *commands, "```"]
+    parts += ["", "Columns: first-token KL(full ‖ method) over the softmax of the last prompt "
+              "position's logits (lower is better) and top-1 agreement with full prefill; answer "
+              "scores against the gold answers and against the full-prefill answer (greedy "
+              "decoding; QA answers are read from the first line); TTFT of requests whose chunks "
+              "were all in the store (mean over examples); recomputed = cached chunk tokens "
+              "computed again, computed = prompt tokens with fresh K/V at the last layer."]
+    for summary in summaries:
+        setting = summary["setting"]
+        parts += ["", f"## {summary['dataset']}", "",
+                  f"{summary['examples']} examples ({summary['skipped']} skipped as too long); "
+                  f"passages per example: {setting['passages'] or 'all'}, tokens per passage: "
+                  f"{setting['passage_tokens'] or 'untruncated'}, max new tokens: "
+                  f"{setting['max_tokens']}; model `{setting['model'][:12]}`, store codec "
+                  f"{setting['store_codec']}.", "", dataset_table(summary)]
+        for name, plot in plots.get(summary["dataset"], {}).items():
+            parts += ["", f"![{summary['dataset']} {name}]({_place(Path(plot), out_dir)})"]
+    if sweep:
+        parts += ["", "## TTFT against prompt length", "",
+                  f"Median of {sweep['repeats']} requests after a warm-up, {sweep['source']} "
+                  f"chunks of ~{sweep['chunk_tokens']} tokens. `prefix`: the system prefix is "
+                  "cached, the chunks are not (a RAG request whose chunk order was not seen "
+                  "before). `hf_full`: transformers' forward of the same ids.", "",
+                  sweep_table(sweep)]
+        if sweep.get("skipped_peers"):
+            parts += ["", f"Not installed, skipped: {', '.join(sweep['skipped_peers'])}."]
+        for name, plot in plots.get("ttft_sweep", {}).items():
+            parts += ["", f"![{name}]({_place(Path(plot), out_dir)})"]
+    path = out_dir / REPORT_FILE
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,120 @@
+"""Every failure becomes an OpenAI-style error body: ``{"error": {message, type, param, code}}``.
+
+User errors (bad JSON, wrong types, unknown model or document, too long, ...) are 4xx naming the
+problem; only a bug is a 500, and then the body is still well-formed and the server keeps going.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cacheblend.errors import CacheBlendError
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and OpenAI fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict:
+    error_type = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status,
+                        headers=headers)
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """Map an exception from the engine or scheduler to the error a client sees."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, CacheBlendError):
+        return ApiError(400, str(exc), code="invalid_request")
+    log.error("internal error", exc_info=(type(exc), exc, exc.__traceback__))
+    return ApiError(500, "internal server error", code="internal_error")
+
+
+def _param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    text = ""
+    for part in parts:
+        if part.isdigit():
+            text += f"[{part}]"
+        elif text:
+            text += f".{part}"
+        else:
+            text = part
+    return text or None
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return ApiError(400, f"the request body is not valid JSON: {detail}".rstrip(": "),
+                        code="invalid_json")
+    param = _param(tuple(first.get("loc", ())))
+    if first.get("type") == "missing" and param is None:
+        return ApiError(400, "the request needs a JSON body", code="missing_body")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    message = f"{param}: {first.get('msg')}{more}" if param else f"{first.get('msg')}{more}"
+    return ApiError(400, message, param=param, code=first.get("type"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = _validation_error(exc)
+        return error_response(error.status, error.message, error.param, error.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if status == 404 and message == "Not Found":
+            message = f"no such endpoint: {_request.method} {_request.url.path}"
+        return error_response(status, message, code=str(status), headers=exc.headers)
+
+    @app.exception_handler(CacheBlendError)
+    async def _user(_request: Request, exc: CacheBlendError) -> JSONResponse:
+        return error_response(400, str(exc), code="invalid_request")
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+        error = as_api_error(exc)
+        return error_response(error.status, error.message, error.param, error.code)

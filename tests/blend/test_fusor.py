@@ -1,0 +1,144 @@
+"""Fusor correctness: every method against a full prefill, the exact mask, misses, the suffix."""
+
+from __future__ import annotations
+
+import torch
+
+from cacheblend.blend.fusor import FusionPlan, Fusor
+from cacheblend.blend.loader import CachedSpan
+from cacheblend.engine import GenerateRequest
+from cacheblend.kv import RequestKV
+from cacheblend.store.base import ChunkKV
+
+DOCS = [
+    "The Greywater Lighthouse was designed by Miriam Osk and completed in 1798. " * 3,
+    "Miriam Osk was born in 1761 in the mountain village of Tarn Hollow. " * 3,
+    "The Vesk river reaches the sea at Port Alder after one hundred and forty kilometres. " * 3,
+]
+QUESTION = "Where was the designer of the lighthouse born?"
+
+
+def request(method, ratio=None, documents=DOCS):
+    return GenerateRequest(question=QUESTION, documents=documents, method=method, ratio=ratio)
+
+
+def test_blend_with_every_token_selected_equals_full_prefill(engine_factory):
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(DOCS, progress=False)
+    full_kv, full_logits, _ = engine.prefill(request("full"))
+    blend_kv, blend_logits, stats = engine.prefill(request("blend", ratio=1.0))
+    assert stats.missed_tokens == 0
+    assert stats.recomputed_tokens == stats.chunk_tokens  # every chunk token recomputed
+    assert (blend_logits - full_logits).abs().max().item() <= 1e-4
+    n = full_kv.length
+    assert blend_kv.length == n
+    # The same fused KV: every layer, every position (the prefix comes from its exact entry).
+    assert (blend_kv.keys[:, :, :n] - full_kv.keys[:, :, :n]).abs().max().item() <= 1e-4
+    assert (blend_kv.values[:, :, :n] - full_kv.values[:, :, :n]).abs().max().item() <= 1e-4
+
+
+def test_prefix_with_cached_prefix_and_no_chunks_equals_full(engine_factory):
+    engine = engine_factory(store_codec="fp32")
+    first = engine.prefill(request("prefix", documents=[]))[2]
+    assert first.reused_tokens == 0  # nothing cached yet: computes all and stores the prefix
+    _, logits, stats = engine.prefill(request("prefix", documents=[]))
+    _, full_logits, _ = engine.prefill(request("full", documents=[]))
+    assert stats.reused_tokens == stats.prompt_tokens - len(engine.segments_for(
+        request("prefix", documents=[])).suffix)
+    assert (logits - full_logits).abs().max().item() <= 1e-4
+
+
+def test_prefix_chain_reuses_whole_segments_in_order(engine_factory):
+    engine = engine_factory(store_codec="fp32")
+    engine.prefill(request("prefix"))
+    _, logits, stats = engine.prefill(request("prefix"))
+    _, full_logits, _ = engine.prefill(request("full"))
+    segments = engine.segments_for(request("prefix"))
+    assert stats.reused_tokens == segments.num_tokens - len(segments.suffix)
+    assert (logits - full_logits).abs().max().item() <= 1e-4
+    # Another order of the same documents: only the system prefix is an exact prefix.
+    _, _, reordered = engine.prefill(request("prefix", documents=DOCS[::-1]))
+    assert reordered.reused_tokens == len(segments.prefix)
+
+
+def test_suffix_is_always_recomputed(engine_factory):
+    engine = engine_factory()
+    segments = engine.segments_for(request("blend"))
+    suffix_len = len(segments.suffix)
+    for method, ratio in (("reuse", None), ("blend", 0.0), ("blend", 0.15), ("epic", None)):
+        _, _, stats = engine.prefill(request(method, ratio))
+        assert stats.computed_tokens >= suffix_len, method
+        assert stats.computed_tokens - stats.recomputed_tokens == suffix_len, method
+
+
+def test_blend_selects_the_ratio_of_chunk_tokens(engine_factory):
+    engine = engine_factory()
+    _, _, stats = engine.prefill(request("blend", ratio=0.15))
+    assert stats.recomputed_tokens == -(-15 * stats.chunk_tokens // 100)  # ceil(0.15 x chunk)
+    _, _, epic = engine.prefill(request("epic"))
+    assert epic.recomputed_tokens == 16 * len(DOCS)
+
+
+def test_miss_is_computed_stored_and_hit_next_time(engine_factory):
+    engine = engine_factory()
+    _, first_logits, first = engine.prefill(request("blend"))
+    segments = engine.segments_for(request("blend"))
+    assert first.missed_tokens == sum(len(c) for c in segments.chunks) + len(segments.prefix)
+    entries = engine.store.stats().entries
+    assert entries == len(DOCS) + 1  # each chunk and the prefix
+    _, second_logits, second = engine.prefill(request("blend"))
+    assert second.missed_tokens == 0
+    assert engine.store.stats().entries == entries
+    # A miss costs time, not correctness.
+    assert (first_logits - second_logits).abs().max().item() <= 1e-4
+
+
+def test_exact_mask_for_scattered_recompute(runner):
+    """Cached rows taken from a full prefill are exact; recomputing any scattered subset with the
+    exact causal mask must then reproduce the full prefill. The reference implementations'
+    bottom-right mask lets early selected tokens see later keys, which must differ."""
+    torch.manual_seed(0)
+    total = 120
+    ids = torch.randint(0, runner.vocab_size, (total,))
+    full_logits, full_kv = runner.prefill(ids, return_kv=True)
+    cached = ChunkKV(torch.stack([k for k, _ in full_kv]), torch.stack([v for _, v in full_kv]))
+    active = torch.tensor([3, 17, 18, 40, 77, 100, total - 1])
+    plan = FusionPlan(ids, active, [CachedSpan(0, cached)])
+
+    def run(fusor):
+        kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, total)
+        return fusor.run(plan, kv).logits
+
+    exact = run(Fusor(runner))
+    assert (exact - full_logits[0]).abs().max().item() <= 1e-4
+
+    class BottomRightFusor(Fusor):
+        """The known bug: selected queries treated as the last rows of the prompt."""
+
+        def run(self, plan, kv):
+            def attend_at(q, keys, values, positions):
+                n, t = positions.shape[0], keys.shape[1]
+                mask = torch.ones(n, t, dtype=torch.bool).tril(diagonal=t - n)
+                return runner._grouped_attend(q, keys, values, mask)
+
+            runner.attend_at = attend_at
+            try:
+                return super().run(plan, kv)
+            finally:
+                del runner.attend_at
+
+    wrong = run(BottomRightFusor(runner))
+    assert (wrong - full_logits[0]).abs().max().item() > 1e-2
+
+
+def test_blend_beats_reuse_on_first_token(engine_factory):
+    engine = engine_factory()
+    _, full, _ = engine.prefill(request("full"))
+    _, reuse, _ = engine.prefill(request("reuse"))
+    _, blend, _ = engine.prefill(request("blend", ratio=0.3))
+
+    def kl(logits):
+        return torch.nn.functional.kl_div(logits.log_softmax(-1), full.log_softmax(-1),
+                                          log_target=True, reduction="sum").item()
+
+    assert kl(blend) < kl(reuse)

@@ -1,0 +1,39 @@
+import json
+
+from cacheblend.cli import main
+
+
+def test_eval_end_to_end(tmp_path, capsys, data_dir):
+    out = tmp_path / "runs"
+    argv = ["eval", "--dataset", "musique", "--data-dir", str(data_dir), "--limit", "1",
+            "--passages", "2", "--passage-tokens", "64", "--methods", "full,reuse,blend,epic",
+            "--max-tokens", "2", "--out", str(out), "--json", "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["methods"]) == {"full", "reuse", "blend", "epic"}
+    for stats in result["methods"].values():
+        for key in ("kl_first_token", "top1_agreement", "f1", "f1_vs_full", "ttft_s"):
+            assert stats[key] is not None
+    assert (out / "musique" / "results.jsonl").is_file()
+    assert (out / "musique" / "quality_vs_ttft_musique.png").is_file()
+    assert (out / "results.md").is_file()
+    assert "--passage-tokens 64" in result["command"]
+
+
+def test_ttft_sweep_with_peers(tmp_path, capsys):
+    out = tmp_path / "runs"
+    argv = ["eval", "--sweep", "--sweep-lengths", "100,160", "--chunk-tokens", "32",
+            "--sweep-repeats", "1", "--sweep-methods", "full,prefix,reuse,blend,hf_full,llama_cpp",
+            "--out", str(out), "--report-dir", str(tmp_path / "docs"), "--json", "--no-progress"]
+    assert main(argv) == 0
+    sweep = json.loads(capsys.readouterr().out)["ttft_sweep"]
+    for label in ("full", "prefix", "reuse", "blend", "hf_full"):
+        assert [r["target_tokens"] for r in sweep["methods"][label]] == [100, 160]
+        assert all(r["ttft_s"] > 0 for r in sweep["methods"][label])
+    assert (out / "ttft_sweep.json").is_file() and (out / "ttft_vs_length.png").is_file()
+    assert "TTFT against prompt length" in (tmp_path / "docs" / "results.md").read_text()
+
+
+def test_bad_method_spec_is_a_one_line_error(capsys):
+    assert main(["eval", "--methods", "full,blend@7"]) == 2
+    assert "blend@7" in capsys.readouterr().err

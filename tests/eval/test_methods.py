@@ -1,0 +1,79 @@
+import pytest
+
+from cacheblend.config import BlendConfig
+from cacheblend.eval.methods import MethodSpecError, parse_method, parse_methods
+
+
+def config(text: str, precompute: str | None = None) -> BlendConfig:
+    return parse_method(text, precompute).blend_config(BlendConfig())
+
+
+def test_plain_methods():
+    for name in ("full", "prefix", "reuse", "blend", "epic"):
+        spec = parse_method(name)
+        assert (spec.label, spec.method) == (name, name)
+    assert config("blend") == BlendConfig()
+
+
+def test_blend_variants():
+    assert config("blend@0.05").check_ratios == (0.05,)
+    assert config("blend@0.3").check_ratios == (0.3,)
+    c = config("blend-v@0.15")
+    assert (c.deviation, c.check_ratios) == ("v", (0.15,))
+    assert config("blend-k").deviation == "k"
+    assert config("blend-kv").deviation == "kv"
+    assert config("blend+first16").first_k == 16
+    c = config("blend-v+first8@0.3")
+    assert (c.deviation, c.first_k, c.check_ratios) == ("v", 8, (0.3,))
+
+
+def test_gradual_and_schedules():
+    c = config("blend-gradual")
+    assert (c.check_layers, c.check_ratios) == ((1, 4), (0.3, 0.15))
+    c = config("blend-gradual@0.05")  # narrowed with the same 2:1 shape
+    assert c.check_layers == (1, 4) and c.check_ratios == pytest.approx((0.1, 0.05))
+    c = config("blend@0.15:L1=0.3,L4")
+    assert (c.check_layers, c.check_ratios) == ((1, 4), (0.3, 0.15))
+    c = config("blend:L2=0.5,L5=0.1")
+    assert (c.check_layers, c.check_ratios) == ((2, 5), (0.5, 0.1))
+    c = config("blend:L1=0.3,L4")  # last ratio: the config's
+    assert c.check_ratios == (0.3, 0.15)
+
+
+def test_epic_k():
+    assert config("epic").epic_k == 16
+    assert config("epic@32").epic_k == 32
+
+
+def test_precompute_modes_and_labels():
+    spec = parse_method("reuse/sink")
+    assert (spec.label, spec.precompute) == ("reuse/sink", "sink")
+    assert parse_method("blend", "alone").label == "blend/alone"
+    assert parse_method("blend", "prefix").label == "blend"  # the default mode: plain label
+    assert parse_method("full", "sink").label == "full"  # full reads no chunk entries
+    assert parse_method("blend@0.05/sink", "alone").precompute == "sink"  # own mode wins
+
+
+def test_parse_methods_list():
+    labels = [s.label for s in parse_methods("full,blend@0.15:L1=0.3,L4,epic@32")]
+    assert labels == ["full", "blend@0.15:L1=0.3,L4", "epic@32"]
+    labels = [s.label for s in parse_methods("full,reuse,blend", ["alone", "sink", "prefix"])]
+    assert labels == ["full", "reuse/alone", "reuse/sink", "reuse", "blend/alone",
+                      "blend/sink", "blend"]
+    assert [s.label for s in parse_methods("blend,blend, ,full")] == ["blend", "full"]
+
+
+@pytest.mark.parametrize("text", [
+    "", "foo", "full@0.1", "prefix-v", "reuse+first4", "blend@2", "blend@x", "epic@0.5",
+    "epic-v", "blend-v-v", "blend@0.1@0.2", "blend%", "blend:L4=0.1,L1=0.3", "blend:L1,L4",
+    "blend@0.1:L1=0.3,L4=0.2", "blend:L1=0.1,L4=0.3", "blend:X1", "blend-gradual:L1=0.3,L4",
+    "blend/nowhere", "epic:L1",
+])
+def test_errors(text):
+    with pytest.raises(MethodSpecError):
+        parse_method(text)
+
+
+def test_empty_list_is_an_error():
+    with pytest.raises(MethodSpecError):
+        parse_methods(" , ")

@@ -1,0 +1,47 @@
+from cacheblend.eval.plots import plot_dataset, plot_ttft_vs_length, quality_metric
+from cacheblend.eval.report import write_report
+
+
+def summary():
+    def method(kl, ttft, f1):
+        return {"n": 2, "ratio": None, "kl_first_token": kl, "top1_agreement": 1.0,
+                "ttft_s": ttft, "f1": f1, "f1_vs_full": f1, "recomputed_frac": 0.1,
+                "computed_frac": 0.2}
+
+    return {"dataset": "toy", "kind": "qa", "metric": "f1", "examples": 2, "skipped": 0,
+            "setting": {"passages": 2, "passage_tokens": 64, "max_tokens": 4,
+                        "model": "0123456789abcdef", "store_codec": "fp16"},
+            "methods": {"full": method(0.0, 3.0, 0.5), "reuse": method(0.2, 0.5, 0.3),
+                        "blend": method(0.05, 1.0, 0.5)}}
+
+
+SWEEP = {"lengths": [1024, 2048], "repeats": 3, "chunk_tokens": 512, "source": "synthetic",
+         "skipped_peers": ["llama_cpp"],
+         "methods": {"full": [{"prompt_tokens": 1030, "ttft_s": 3.0},
+                              {"prompt_tokens": 2050, "ttft_s": 7.0}],
+                     "blend": [{"prompt_tokens": 1030, "ttft_s": 1.0},
+                               {"prompt_tokens": 2050, "ttft_s": 2.0}]}}
+
+
+def test_plots_and_report(tmp_path):
+    data = summary()
+    assert quality_metric(data) == "f1"
+    plots = plot_dataset(data, tmp_path / "runs")
+    sweep_plot = plot_ttft_vs_length(SWEEP, tmp_path / "runs" / "ttft_vs_length.png")
+    for path in [*plots.values(), sweep_plot]:
+        assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+    docs = tmp_path / "docs"
+    report = write_report(docs, [data], SWEEP, ["cacheblend eval --dataset toy"],
+                          {"toy": plots, "ttft_sweep": {"ttft_vs_length": sweep_plot}})
+    text = report.read_text()
+    assert "cacheblend eval --dataset toy" in text and "| `blend` |" in text
+    assert "3.00x" in text  # reuse: 3.0 s / 0.5 s... blend: 3.0 / 1.0
+    assert "(results_plots/quality_vs_ttft_toy.png)" in text
+    assert (docs / "results_plots" / "ttft_vs_length.png").is_file()
+    assert "| 2050 | 7.000 | 2.000 |" in text and "llama_cpp" in text
+
+
+def test_quality_falls_back_to_top1_without_answers():
+    data = summary()
+    data["methods"]["reuse"]["f1"] = None
+    assert quality_metric(data) == "top1_agreement"
