@@ -33,6 +33,7 @@ class BlendConfig:
     precompute: str = "prefix"
     preamble: str = "Document:\n"
     min_ratio: float = 0.0
+    fallback: bool = True  # full prefill when too many chunk tokens miss for blend to pay
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

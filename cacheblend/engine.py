@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from tqdm import tqdm
 
+from cacheblend.blend.controller import LoadingController
 from cacheblend.blend.fusor import FusionPlan, Fusor
 from cacheblend.blend.loader import CachedSpan
 from cacheblend.blend.select import FirstKSelector, HKVDSelector, UnionSelector, first_k_mask
@@ -63,6 +64,10 @@ class RequestStats:
     ttft_s: float
     prefill_s: float
     miss_s: float
+    load_s: float = 0.0  # store lookups (read, verify, decode)
+    load_bytes: int = 0
+    requested_method: str = ""
+    controller: str = ""  # the loading controller's reason for what ran
     decode_s: float = 0.0
     completion_tokens: int = 0
 
@@ -93,6 +98,10 @@ class _Lookup:
     spans: list[CachedSpan] = field(default_factory=list)
     missed_tokens: int = 0
     miss_s: float = 0.0
+    load_s: float = 0.0
+    load_bytes: int = 0
+    deferred: list[tuple[int, int]] = field(default_factory=list)  # misses stored after
+    reason: str = ""
 
 
 class Engine:
@@ -105,6 +114,7 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.runner = self.loaded.runner()
         self.fusor = Fusor(self.runner)
+        self.controller = LoadingController(self.runner.num_layers, self.config.blend.min_ratio)
         self.prompts = PromptBuilder(self.tokenizer)
         self.fingerprint = self.loaded.fingerprint
         if store is None:
@@ -159,19 +169,13 @@ class Engine:
                            self._to_entry(kv, 0, len(preamble)))
         return entry
 
-    def _get_prefix(self, prefix: tuple[int, ...]) -> tuple[ChunkKV | None, bool]:
-        """The exact KV of the prefix at position 0: (entry, hit)."""
-        if not prefix:
-            return None, True
-        key = prefix_key(self.fingerprint, (), prefix)
-        entry = self.store.get(key)
-        if entry is not None:
-            return entry, True
+    def _compute_prefix(self, prefix: tuple[int, ...]) -> ChunkKV:
+        """Compute and store the exact KV of the prefix at position 0."""
         ids = torch.tensor(prefix, dtype=torch.long, device=self.config.device)
         _, kv = self.runner.prefill(ids, return_kv=True)
         entry = self._to_entry(kv, 0, len(prefix))
-        self.store.put(key, entry)
-        return entry, False
+        self.store.put(prefix_key(self.fingerprint, (), prefix), entry)
+        return entry
 
     def ingest(self, documents: list[str], progress: bool = True,
                blend: BlendConfig | None = None) -> list[IngestResult]:
@@ -192,23 +196,54 @@ class Engine:
 
     # --- plans --------------------------------------------------------------------------------
 
-    def _lookup_chunks(self, segments: Segments, blend: BlendConfig) -> _Lookup:
-        start = time.perf_counter()
+    def _probe(self, segments: Segments, preamble: tuple[int, ...]) -> tuple[list, _Lookup]:
+        """Look up the prefix and every chunk; None where missing. Timed for the controller."""
         lookup = _Lookup()
-        prefix_entry, hit = self._get_prefix(segments.prefix)
+        start = time.perf_counter()
+        keys = [prefix_key(self.fingerprint, (), segments.prefix)] if segments.prefix else []
+        keys += [chunk_key(self.fingerprint, preamble, c) for c in segments.chunks]
+        entries = [self.store.get(key) for key in keys]
+        lookup.load_s = time.perf_counter() - start
+        lookup.load_bytes = sum(e.nbytes for e in entries if e is not None)
+        self.controller.observe_load(lookup.load_bytes, lookup.load_s)
+        if not segments.prefix:
+            entries.insert(0, None)
+        return entries, lookup
+
+    def _lookup_chunks(self, segments: Segments, method: str, blend: BlendConfig):
+        """Entries for the prefix and every chunk (misses computed and stored first), unless
+        the controller finds a full prefill cheaper: then (None, lookup, decision)."""
+        preamble = self.preamble_for(segments.prefix, blend)
+        entries, lookup = self._probe(segments, preamble)
+        missed = [i for i, e in enumerate(entries[1:]) if e is None]
+        chunk_tokens = sum(len(c) for c in segments.chunks)
+        lookup.missed_tokens = sum(len(segments.chunks[i]) for i in missed)
+        decision = self.controller.decide(
+            method, blend.ratio, blend.check_layers[0], chunk_tokens, lookup.missed_tokens,
+            lookup.load_bytes, fallback=blend.fallback)
+        lookup.reason = decision.reason
+        if decision.method == "full":
+            lookup.deferred = [(i, 0) for i in missed]
+            return None, lookup, decision
+        start = time.perf_counter()
+        prefix_entry = entries[0]
+        if prefix_entry is None and segments.prefix:
+            prefix_entry = self._compute_prefix(segments.prefix)
+            lookup.missed_tokens += len(segments.prefix)
         if prefix_entry is not None:
             lookup.spans.append(CachedSpan(0, prefix_entry))
-        if not hit:
-            lookup.missed_tokens += len(segments.prefix)
-        preamble = self.preamble_for(segments.prefix, blend)
-        for (begin, _), chunk in zip(segments.chunk_spans(), segments.chunks):
-            entry = self.store.get(chunk_key(self.fingerprint, preamble, chunk))
+        for (begin, _), chunk, entry in zip(segments.chunk_spans(), segments.chunks, entries[1:]):
             if entry is None:
                 entry = self._precompute(preamble, chunk, blend)
-                lookup.missed_tokens += len(chunk)
             lookup.spans.append(CachedSpan(begin, entry))
         lookup.miss_s = time.perf_counter() - start if lookup.missed_tokens else 0.0
-        return lookup
+        return lookup.spans, lookup, decision
+
+    def _store_deferred(self, segments: Segments, lookup: _Lookup, blend: BlendConfig) -> None:
+        """Precompute and store the chunks a fallback request missed (after its answer)."""
+        preamble = self.preamble_for(segments.prefix, blend)
+        for index, _ in lookup.deferred:
+            self._precompute(preamble, segments.chunks[index], blend)
 
     def _lookup_prefix_chain(self, segments: Segments) -> list[CachedSpan]:
         """Longest run of exact prefix entries (prefix, chunk 1, chunk 2, ...) from position 0."""
@@ -235,36 +270,39 @@ class Engine:
             start = end
 
     def _plan(self, segments: Segments, method: str, blend: BlendConfig):
+        """(FusionPlan, lookup, method that runs, ratio that runs)."""
         ids = torch.tensor(segments.ids, dtype=torch.long)
         total = ids.shape[0]
         suffix_start = total - len(segments.suffix)
         spans = segments.chunk_spans()
-        if method == "full":
-            return FusionPlan(ids, torch.arange(total)), _Lookup()
         if method == "prefix":
             cached = self._lookup_prefix_chain(segments)
-            start = cached[-1].end if cached else 0
-            start = min(start, total - 1)  # the last token always runs
-            return FusionPlan(ids, torch.arange(start, total), cached, spans, capture=True), \
-                _Lookup(spans=cached)
-        lookup = self._lookup_chunks(segments, blend)
+            start = min(cached[-1].end if cached else 0, total - 1)  # the last token always runs
+            plan = FusionPlan(ids, torch.arange(start, total), cached, spans, capture=True)
+            return plan, _Lookup(spans=cached), method, None
+        if method == "full":
+            return FusionPlan(ids, torch.arange(total)), _Lookup(), method, None
+        cached, lookup, decision = self._lookup_chunks(segments, method, blend)
+        if cached is None:  # the controller's fallback
+            return FusionPlan(ids, torch.arange(total)), lookup, "full", None
         suffix = torch.arange(suffix_start, total)
+        checks = []
         if method == "reuse":
-            active, checks = suffix, []
+            active = suffix
         elif method == "epic":
             chunk_positions = torch.cat([torch.arange(s, e) for s, e in spans] or [suffix[:0]])
             keep = first_k_mask(chunk_positions, spans, blend.epic_k)
-            active, checks = torch.cat([chunk_positions[keep], suffix]), []
+            active = torch.cat([chunk_positions[keep], suffix])
         else:  # blend
             active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
-            checks = []
+            blend = blend.with_ratio(decision.ratio)
             for layer, ratio in zip(blend.check_layers, blend.check_ratios):
                 selector = HKVDSelector(ratio)
                 if blend.first_k:
                     selector = UnionSelector(selector, FirstKSelector(blend.first_k))
                 checks.append((min(layer, self.runner.num_layers - 1), selector))
-        plan = FusionPlan(ids, active, lookup.spans, spans, checks, deviation=blend.deviation)
-        return plan, lookup
+        plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation)
+        return plan, lookup, method, decision.ratio if method == "blend" else None
 
     # --- generate -----------------------------------------------------------------------------
 
@@ -296,21 +334,26 @@ class Engine:
         self._check_length(total)
         start = time.perf_counter()
         with self.lock, torch.inference_mode():
-            plan, lookup = self._plan(segments, method, blend)
+            plan, lookup, ran, ratio = self._plan(segments, method, blend)
             capacity = min(self.runner.max_positions, total + request.sampling.max_tokens)
             kv = RequestKV(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim,
                            capacity, self.config.device)
+            fusion_start = time.perf_counter()
             result = self.fusor.run(plan, kv)
-            if method == "prefix" and result.captured is not None:
+            self.controller.observe_compute(sum(result.active_per_layer),
+                                            time.perf_counter() - fusion_start)
+            elapsed = time.perf_counter() - start
+            if ran == "prefix" and result.captured is not None:
                 self._store_prefix_chain(segments, int(plan.active[0]), result.captured)
-        elapsed = time.perf_counter() - start
+            if lookup.deferred:
+                self._store_deferred(segments, lookup, blend)
         cached_rows = torch.zeros(total, dtype=torch.bool)
         for span in plan.cached:
             cached_rows[span.start : span.end] = True
         computed = int(result.computed.shape[0])
         stats = RequestStats(
-            method=method,
-            ratio=blend.ratio if method == "blend" else None,
+            method=ran,
+            ratio=ratio,
             prompt_tokens=total,
             chunk_tokens=sum(len(c) for c in segments.chunks),
             reused_tokens=total - computed,
@@ -320,6 +363,10 @@ class Engine:
             ttft_s=elapsed,
             prefill_s=elapsed - lookup.miss_s,
             miss_s=lookup.miss_s,
+            load_s=lookup.load_s,
+            load_bytes=lookup.load_bytes,
+            requested_method=method,
+            controller=lookup.reason,
         )
         return kv, result.logits, stats
 

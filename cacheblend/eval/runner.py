@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean, median
@@ -162,12 +163,19 @@ class ReferenceLogits:
         tmp.replace(path)
 
 
+_WARM_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+
 def warm_up(engine: Engine) -> None:
-    """One tiny request per method: the first call of a process pays one-off costs."""
+    """One tiny request per method, once per model and process: the first calls pay one-off
+    costs (allocator, kernel selection) that would otherwise land in the first example's TTFT."""
+    if engine.loaded.model in _WARM_MODELS:
+        return
     docs = ["Warm-up document one.", "Warm-up document two."]
     for method in ("full", "prefix", "reuse", "blend", "epic"):
         engine.generate(GenerateRequest(question="Warm up?", documents=docs, method=method,
                                         sampling=SamplingParams(max_tokens=2)))
+    _WARM_MODELS.add(engine.loaded.model)
 
 
 def _request(segments: Segments, method: str, max_tokens: int) -> GenerateRequest:

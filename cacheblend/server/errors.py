@@ -7,6 +7,7 @@ problem; only a bug is a 500, and then the body is still well-formed and the ser
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -64,22 +65,34 @@ def as_api_error(exc: BaseException) -> ApiError:
     return ApiError(500, "internal server error", code="internal_error")
 
 
+_FIELD = re.compile(r"[a-z_][a-z0-9_]*")
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    """("body", "documents", 0, "DocumentRef", "id") -> "documents[0].id" (union member tags
+    such as "DocumentRef" or "list[str]" are dropped)."""
     text = ""
-    for part in parts:
-        if part.isdigit():
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+        if isinstance(part, int):
             text += f"[{part}]"
-        elif text:
-            text += f".{part}"
-        else:
-            text = part
+        elif _FIELD.fullmatch(str(part)) and part not in _UNION_TAGS:
+            text += f".{part}" if text else str(part)
     return text or None
 
 
+def _most_specific(errors: list[dict]) -> dict:
+    """The error that says most: a value error over a union branch's type mismatch, then the
+    deepest location."""
+    return max(errors, key=lambda e: (not str(e.get("type", "")).endswith("_type"),
+                                      len(e.get("loc", ()))))
+
+
 def _validation_error(exc: RequestValidationError) -> ApiError:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    errors = list(exc.errors())
+    if not errors:
+        return ApiError(400, "invalid request", code="invalid_request")
+    first = _most_specific(errors)
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return ApiError(400, f"the request body is not valid JSON: {detail}".rstrip(": "),
@@ -87,7 +100,10 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "missing" and param is None:
         return ApiError(400, "the request needs a JSON body", code="missing_body")
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    # Union branches of the same value are one problem, not several.
+    others = len({p for p in (_param(tuple(e.get("loc", ()))) for e in errors)
+                  if p and p != param and not (param or "").startswith(p)})
+    more = f" (and {others} more problems)" if others else ""
     message = f"{param}: {first.get('msg')}{more}" if param else f"{first.get('msg')}{more}"
     return ApiError(400, message, param=param, code=first.get("type"))
 

@@ -63,6 +63,7 @@ def test_prefix_chain_reuses_whole_segments_in_order(engine_factory):
 
 def test_suffix_is_always_recomputed(engine_factory):
     engine = engine_factory()
+    engine.ingest(DOCS, progress=False)
     segments = engine.segments_for(request("blend"))
     suffix_len = len(segments.suffix)
     for method, ratio in (("reuse", None), ("blend", 0.0), ("blend", 0.15), ("epic", None)):
@@ -73,6 +74,7 @@ def test_suffix_is_always_recomputed(engine_factory):
 
 def test_blend_selects_the_ratio_of_chunk_tokens(engine_factory):
     engine = engine_factory()
+    engine.ingest(DOCS, progress=False)
     _, _, stats = engine.prefill(request("blend", ratio=0.15))
     assert stats.recomputed_tokens == -(-15 * stats.chunk_tokens // 100)  # ceil(0.15 x chunk)
     _, _, epic = engine.prefill(request("epic"))
@@ -80,7 +82,7 @@ def test_blend_selects_the_ratio_of_chunk_tokens(engine_factory):
 
 
 def test_miss_is_computed_stored_and_hit_next_time(engine_factory):
-    engine = engine_factory()
+    engine = engine_factory(blend={"fallback": False})
     _, first_logits, first = engine.prefill(request("blend"))
     segments = engine.segments_for(request("blend"))
     assert first.missed_tokens == sum(len(c) for c in segments.chunks) + len(segments.prefix)
@@ -133,6 +135,7 @@ def test_exact_mask_for_scattered_recompute(runner):
 
 def test_blend_beats_reuse_on_first_token(engine_factory):
     engine = engine_factory()
+    engine.ingest(DOCS, progress=False)
     _, full, _ = engine.prefill(request("full"))
     _, reuse, _ = engine.prefill(request("reuse"))
     _, blend, _ = engine.prefill(request("blend", ratio=0.3))
@@ -142,3 +145,22 @@ def test_blend_beats_reuse_on_first_token(engine_factory):
                                           log_target=True, reduction="sum").item()
 
     assert kl(blend) < kl(reuse)
+
+
+def test_controller_falls_back_to_full_on_misses_and_stores_them(engine_factory):
+    engine = engine_factory()
+    _, logits, first = engine.prefill(request("blend"))
+    assert first.method == "full" and first.requested_method == "blend"
+    assert "cheaper" in first.controller
+    _, full_logits, _ = engine.prefill(request("full"))
+    assert (logits - full_logits).abs().max().item() <= 1e-4  # it really ran a full prefill
+    _, _, second = engine.prefill(request("blend"))  # the misses were stored afterwards
+    assert second.method == "blend" and second.missed_tokens == 0
+
+
+def test_controller_blends_when_most_chunks_hit(engine_factory):
+    engine = engine_factory()
+    engine.ingest(DOCS[:2], progress=False)
+    _, _, stats = engine.prefill(request("blend"))
+    assert stats.method == "blend"
+    assert stats.missed_tokens == len(engine.segments_for(request("blend")).chunks[2])

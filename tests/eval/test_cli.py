@@ -22,13 +22,13 @@ def test_eval_end_to_end(tmp_path, capsys, data_dir):
 
 def test_ttft_sweep_with_peers(tmp_path, capsys):
     out = tmp_path / "runs"
-    argv = ["eval", "--sweep", "--sweep-lengths", "100,160", "--chunk-tokens", "32",
+    argv = ["eval", "--sweep", "--sweep-lengths", "80,120", "--chunk-tokens", "32",
             "--sweep-repeats", "1", "--sweep-methods", "full,prefix,reuse,blend,hf_full,llama_cpp",
             "--out", str(out), "--report-dir", str(tmp_path / "docs"), "--json", "--no-progress"]
     assert main(argv) == 0
     sweep = json.loads(capsys.readouterr().out)["ttft_sweep"]
     for label in ("full", "prefix", "reuse", "blend", "hf_full"):
-        assert [r["target_tokens"] for r in sweep["methods"][label]] == [100, 160]
+        assert [r["target_tokens"] for r in sweep["methods"][label]] == [80, 120]
         assert all(r["ttft_s"] > 0 for r in sweep["methods"][label])
     assert (out / "ttft_sweep.json").is_file() and (out / "ttft_vs_length.png").is_file()
     assert "TTFT against prompt length" in (tmp_path / "docs" / "results.md").read_text()

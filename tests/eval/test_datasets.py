@@ -48,7 +48,7 @@ def test_multi_news_passage_split(data_dir):
 
 def test_split_passages_by_hand():
     context = "Passage 1:\nFirst NEWLINE_CHAR NEWLINE_CHAR story.\nPassage 2:\nSecond one.\n"
-    assert split_passages(context) == ["First\nstory.", "Second one."]
+    assert split_passages(context) == ["First\n\nstory.", "Second one."]
 
 
 def test_samsum_overlap_exclusion(data_dir):

@@ -4,12 +4,19 @@ import pytest
 
 from cacheblend.eval.datasets import load_dataset
 from cacheblend.eval.methods import parse_methods
-from cacheblend.eval.runner import RESULTS_FILE, EvalPlan, run_dataset
+from cacheblend.eval.runner import (
+    RESULTS_FILE,
+    EvalPlan,
+    ResultLog,
+    run_dataset,
+    setting_id,
+    setting_of,
+)
 
 
 @pytest.fixture
 def tiny(data_dir, loaded):
-    return load_dataset("musique", data_dir=data_dir, limit=2, passages=2, passage_tokens=64,
+    return load_dataset("musique", data_dir=data_dir, limit=1, passages=2, passage_tokens=64,
                         tokenizer=loaded.tokenizer)
 
 
@@ -19,12 +26,12 @@ def rows(path):
 
 def test_run_is_resumable(engine, tiny, tmp_path):
     specs = parse_methods("full,reuse,blend")
-    plan = EvalPlan.build(specs, "qa", max_tokens=3, decode={"blend"}, progress=False)
+    plan = EvalPlan.build(specs, "qa", max_tokens=2, decode={"blend"}, progress=False)
     assert plan.decode == {"blend", "full"}
     first = run_dataset(engine, tiny, plan, tmp_path)
-    assert first["evaluated_now"] == 2
+    assert first["evaluated_now"] == 1
     written = rows(tmp_path / RESULTS_FILE)
-    assert len(written) == 2 * 3
+    assert len(written) == 3
     full = first["methods"]["full"]
     assert full["kl_first_token"] == 0.0 and full["top1_agreement"] == 1.0
     assert full["f1_vs_full"] == 1.0
@@ -32,25 +39,25 @@ def test_run_is_resumable(engine, tiny, tmp_path):
     assert first["methods"]["reuse"]["f1"] is None
     assert all(r["missed_tokens"] == 0 and r["ttft_s"] > 0 for r in written)
     blend = first["methods"]["blend"]
-    assert blend["kl_first_token"] >= 0 and blend["n_decoded"] == 2 and blend["ratio"] == 0.15
+    assert blend["kl_first_token"] >= 0 and blend["n_decoded"] == 1 and blend["ratio"] == 0.15
 
     second = run_dataset(engine, tiny, plan, tmp_path)  # everything done: nothing runs
     assert second["evaluated_now"] == 0
-    assert len(rows(tmp_path / RESULTS_FILE)) == 6
+    assert len(rows(tmp_path / RESULTS_FILE)) == 3
     assert second["methods"] == first["methods"]
 
     # a new method: only its rows are added; full's reference logits come from disk
-    more = EvalPlan.build(parse_methods("full,reuse,blend,epic@8"), "qa", max_tokens=3,
+    more = EvalPlan.build(parse_methods("full,reuse,blend,epic@8"), "qa", max_tokens=2,
                           decode={"blend"}, progress=False)
     third = run_dataset(engine, tiny, more, tmp_path)
-    assert third["evaluated_now"] == 2
-    added = rows(tmp_path / RESULTS_FILE)[6:]
-    assert [r["method"] for r in added] == ["epic@8", "epic@8"]
+    assert third["evaluated_now"] == 1
+    added = rows(tmp_path / RESULTS_FILE)[3:]
+    assert [r["method"] for r in added] == ["epic@8"]
 
     # another decode length is another setting: its rows are not mixed with these
     other = EvalPlan.build(specs, "qa", max_tokens=2, decode=set(), progress=False)
-    fourth = run_dataset(engine, tiny, other, tmp_path / "x")
-    assert fourth["setting_id"] != first["setting_id"]
+    assert setting_id(setting_of(engine, tiny, other, 0)) != first["setting_id"]
+    assert ResultLog(tmp_path / RESULTS_FILE, "another-setting").rows == {}
 
 
 def test_decode_methods_must_be_evaluated():

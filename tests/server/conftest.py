@@ -11,17 +11,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from cacheblend.config import load_config
 from cacheblend.engine import Engine
 from cacheblend.server.background import BackgroundServer
 from cacheblend.server.settings import ServerSettings
-from cacheblend.store.memory import MemoryStore
-from server_helpers import API_KEY, SEPARATOR
-
-
-def make_engine(loaded_model, store=None, **overrides) -> Engine:
-    return Engine(load_config(None, **overrides), store=store or MemoryStore(),
-                  loaded=loaded_model)
+from server_helpers import API_KEY, SEPARATOR, make_engine
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,76 @@
+"""The loading controller: per request, how much to recompute and whether blending pays off.
+
+It keeps two online estimates (exponential moving averages): the store's load throughput
+(bytes/s, from every lookup) and the model's recompute cost (seconds per token-layer, from
+every fused prefill). Per request it
+
+- raises the recompute ratio above the requested one where the extra recompute hides under the
+  time the loads take anyway (the paper's rule; on this CPU loading is ~100x cheaper than
+  recompute, so it keeps the requested ratio), never going below ``min_ratio``;
+- falls back to a plain prefill when too few chunk tokens hit for blending to pay: computing the
+  misses first and then blending would cost more than a full prefill. The missed chunks are
+  still precomputed and stored, after the answer, so the next request hits.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Decision:
+    method: str  # what runs: the requested method, or "full" on fallback
+    ratio: float
+    reason: str
+
+
+class LoadingController:
+    def __init__(self, num_layers: int, min_ratio: float = 0.0, smoothing: float = 0.3) -> None:
+        self.num_layers = num_layers
+        self.min_ratio = min_ratio
+        self.smoothing = smoothing
+        self.load_bytes_per_s: float | None = None
+        self.seconds_per_token_layer: float | None = None
+        self._lock = threading.Lock()
+
+    def _update(self, current: float | None, sample: float) -> float:
+        return sample if current is None else (1 - self.smoothing) * current + self.smoothing * sample
+
+    def observe_load(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            with self._lock:
+                self.load_bytes_per_s = self._update(self.load_bytes_per_s, nbytes / seconds)
+
+    def observe_compute(self, token_layers: int, seconds: float) -> None:
+        if token_layers > 0 and seconds > 0:
+            with self._lock:
+                self.seconds_per_token_layer = self._update(self.seconds_per_token_layer,
+                                                            seconds / token_layers)
+
+    def blend_fraction(self, ratio: float, first_check_layer: int) -> float:
+        """Share of a full prefill's token-layers a blend at ``ratio`` computes (chunk part)."""
+        full_layers = min(first_check_layer + 1, self.num_layers)
+        return (full_layers + ratio * (self.num_layers - full_layers)) / self.num_layers
+
+    def decide(self, method: str, ratio: float, first_check_layer: int, chunk_tokens: int,
+               missed_tokens: int, load_bytes: int, fallback: bool = True) -> Decision:
+        if method not in ("blend", "reuse", "epic") or chunk_tokens == 0:
+            return Decision(method, ratio, "no chunks to fuse")
+        ratio = max(ratio, self.min_ratio)
+        if fallback and method == "blend":
+            # Token-layer costs relative to a full prefill of the chunks: misses are computed
+            # in full first, then the blend runs over all chunk tokens.
+            blend_cost = missed_tokens + self.blend_fraction(ratio, first_check_layer) * chunk_tokens
+            if blend_cost > chunk_tokens:
+                return Decision("full", ratio, f"{missed_tokens}/{chunk_tokens} chunk tokens "
+                                "missed: a full prefill is cheaper; misses stored afterwards")
+        if method == "blend" and self.load_bytes_per_s and self.seconds_per_token_layer:
+            load_s = load_bytes / self.load_bytes_per_s
+            per_ratio_s = chunk_tokens * (self.num_layers - first_check_layer - 1) * \
+                self.seconds_per_token_layer
+            hidden_ratio = load_s / per_ratio_s if per_ratio_s > 0 else 0.0
+            if hidden_ratio > ratio:
+                return Decision(method, min(1.0, hidden_ratio),
+                                "recompute raised to hide under the load time")
+        return Decision(method, ratio, "requested")

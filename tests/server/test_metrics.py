@@ -1,0 +1,62 @@
+"""/metrics: scraped over HTTP and parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from server_helpers import DOCS
+
+
+def scrape(http) -> dict[tuple[str, tuple], float]:
+    response = http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_follow_requests(http, model_name):
+    before = scrape(http)
+    body = {"model": model_name, "max_tokens": 2, "documents": DOCS[:2],
+            "messages": [{"role": "user", "content": "What is Zorblat famous for?"}]}
+    stats = [http.post("/v1/chat/completions", json=body).json()["cacheblend"] for _ in range(2)]
+    assert http.post("/v1/chat/completions", json={"model": "nope"}).status_code == 400
+    after = scrape(http)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    for method in {s["method"] for s in stats}:  # the method that ran (the engine may fall back)
+        count = sum(s["method"] == method for s in stats)
+        assert delta("cacheblend_time_to_first_token_seconds_count", method=method) == count
+        assert delta("cacheblend_request_latency_seconds_count", method=method) == count
+        assert delta("cacheblend_request_latency_seconds_sum", method=method) > 0
+    for kind in ("reused", "recomputed", "missed", "computed", "prompt", "completion"):
+        want = sum(s[f"{kind}_tokens"] for s in stats)
+        assert delta("cacheblend_tokens_total", kind=kind) == want, kind
+    assert stats[1]["missed_tokens"] == 0
+    assert delta("cacheblend_requests_total", endpoint="/v1/chat/completions", status="200") == 2
+    assert delta("cacheblend_requests_total", endpoint="/v1/chat/completions", status="400") == 1
+    assert delta("cacheblend_store_hits_total", tier="memory") > 0
+    assert value(after, "cacheblend_store_bytes", tier="memory") > 0
+    assert value(after, "cacheblend_store_entries", tier="memory") > 0
+    assert value(after, "cacheblend_queue_length") == 0
+    assert ("cacheblend_running_requests", ()) in after
+    assert delta("cacheblend_decode_batch_size_count") >= 1
+
+
+def test_unauthorized_requests_are_counted(live, http):
+    import httpx
+
+    before = scrape(http)
+    httpx.get(f"{live.url}/v1/models", timeout=10)
+    after = scrape(http)
+    key = ("cacheblend_requests_total", (("endpoint", "/v1/models"), ("status", "401")))
+    assert after[key] - before.get(key, 0.0) == 1
