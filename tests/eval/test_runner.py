@@ -55,7 +55,7 @@ def test_run_is_resumable(engine, tiny, tmp_path):
     assert [r["method"] for r in added] == ["epic@8"]
 
     # another decode length is another setting: its rows are not mixed with these
-    other = EvalPlan.build(specs, "qa", max_tokens=2, decode=set(), progress=False)
+    other = EvalPlan.build(specs, "qa", max_tokens=5, decode=set(), progress=False)
     assert setting_id(setting_of(engine, tiny, other, 0)) != first["setting_id"]
     assert ResultLog(tmp_path / RESULTS_FILE, "another-setting").rows == {}
 

