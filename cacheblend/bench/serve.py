@@ -69,8 +69,12 @@ async def _chat(client: httpx.AsyncClient, body: dict) -> dict:
                     ttft = time.perf_counter() - start
             stats = chunk.get("cacheblend", stats)
     latency = time.perf_counter() - start
-    return {"ttft": ttft if ttft is not None else latency, "latency": latency,
-            "completion_tokens": stats.get("completion_tokens", tokens), "stats": stats}
+    return {
+        "ttft": ttft if ttft is not None else latency,
+        "latency": latency,
+        "completion_tokens": stats.get("completion_tokens", tokens),
+        "stats": stats,
+    }
 
 
 def _summary(results: list[dict], elapsed: float) -> dict:
@@ -84,7 +88,8 @@ def _summary(results: list[dict], elapsed: float) -> dict:
         "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(done) / elapsed, 4) if elapsed > 0 else None,
         "tokens_per_s": round(sum(r["completion_tokens"] for r in done) / elapsed, 3)
-        if elapsed > 0 else None,
+        if elapsed > 0
+        else None,
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p99_s": percentile(ttfts, 99),
         "latency_p50_s": percentile(latencies, 50),
@@ -94,79 +99,128 @@ def _summary(results: list[dict], elapsed: float) -> dict:
     }
 
 
-async def _poisson_run(url: str, model: str, method: str, rate: float, duration: float,
-                       ids: list[str], docs: int, max_tokens: int, rng: random.Random,
-                       drain: float) -> dict:
+async def _poisson_run(
+    url: str,
+    model: str,
+    method: str,
+    rate: float,
+    duration: float,
+    ids: list[str],
+    docs: int,
+    max_tokens: int,
+    rng: random.Random,
+    drain: float,
+) -> dict:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     async with httpx.AsyncClient(base_url=url, timeout=drain + duration, limits=limits) as client:
         tasks, start = [], time.perf_counter()
         at = rng.expovariate(rate)
         while at < duration:
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            body = {"model": model, "max_tokens": max_tokens,
-                    "messages": [{"role": "user", "content": rng.choice(QUESTIONS)[0]}],
-                    "documents": [{"id": i} for i in rng.sample(ids, docs)],
-                    "cacheblend": {"method": method}}
+            body = {
+                "model": model,
+                "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": rng.choice(QUESTIONS)[0]}],
+                "documents": [{"id": i} for i in rng.sample(ids, docs)],
+                "cacheblend": {"method": method},
+            }
             tasks.append(asyncio.ensure_future(_chat(client, body)))
             at += rng.expovariate(rate)
         if not tasks:
             return _summary([], duration)
-        done, pending = await asyncio.wait(tasks, timeout=drain + max(0.0, start + duration -
-                                                                       time.perf_counter()))
+        done, pending = await asyncio.wait(
+            tasks, timeout=drain + max(0.0, start + duration - time.perf_counter())
+        )
         for task in pending:
             task.cancel()
-        results = [t.result() if t in done and not t.exception() else
-                   {"error": "timeout" if t in pending else repr(t.exception())} for t in tasks]
+        results = [
+            t.result()
+            if t in done and not t.exception()
+            else {"error": "timeout" if t in pending else repr(t.exception())}
+            for t in tasks
+        ]
         return _summary(results, time.perf_counter() - start)
 
 
-def bench_serve(config: EngineConfig | Engine | None = None, *, docs: int = 6,
-                doc_tokens: int = 512, pool: int | None = None,
-                rates: list[float] | tuple[float, ...] = (0.05, 0.1, 0.2),
-                duration: float = 120.0, methods: tuple[str, ...] = ("full", "blend"),
-                max_tokens: int = 8, max_batch_size: int | None = None, drain: float = 300.0,
-                seed: int = 0, loaded=None) -> dict:
+def bench_serve(
+    config: EngineConfig | Engine | None = None,
+    *,
+    docs: int = 6,
+    doc_tokens: int = 512,
+    pool: int | None = None,
+    rates: list[float] | tuple[float, ...] = (0.05, 0.1, 0.2),
+    duration: float = 120.0,
+    methods: tuple[str, ...] = ("full", "blend"),
+    max_tokens: int = 8,
+    max_batch_size: int | None = None,
+    drain: float = 300.0,
+    seed: int = 0,
+    loaded=None,
+) -> dict:
     """Requests/s and TTFT p50/p99 under Poisson arrivals, per method and rate (see module)."""
     engine = _engine(config, loaded)
     pool = pool or 4 * docs
     if pool < docs:
         raise ValueError(f"pool ({pool}) must hold at least docs ({docs}) documents")
-    settings = ServerSettings(max_batch_size=max_batch_size or ServerSettings.max_batch_size,
-                              max_tokens_limit=max(max_tokens, 1))
+    settings = ServerSettings(
+        max_batch_size=max_batch_size or ServerSettings.max_batch_size,
+        max_tokens_limit=max(max_tokens, 1),
+    )
     texts = make_documents(engine, pool, doc_tokens)
-    out: dict = {"docs": docs, "doc_tokens": doc_tokens, "pool": pool, "duration_s": duration,
-                 "max_tokens": max_tokens, "max_batch_size": settings.max_batch_size,
-                 "store": engine.config.store.split(":")[0], "results": {}}
+    out: dict = {
+        "docs": docs,
+        "doc_tokens": doc_tokens,
+        "pool": pool,
+        "duration_s": duration,
+        "max_tokens": max_tokens,
+        "max_batch_size": settings.max_batch_size,
+        "store": engine.config.store.split(":")[0],
+        "results": {},
+    }
     with BackgroundServer(create_app(engine, settings)) as server:
         model = settings.served_model_name or engine.loaded.name
         with httpx.Client(base_url=server.url, timeout=drain) as client:
             upload = client.post("/v1/documents", json={"documents": texts})
             upload.raise_for_status()
             ids = [d["id"] for d in upload.json()["data"]]
-            out["doc_tokens_actual"] = statistics.mean(d["num_tokens"]
-                                                       for d in upload.json()["data"])
+            out["doc_tokens_actual"] = statistics.mean(
+                d["num_tokens"] for d in upload.json()["data"]
+            )
         rng = random.Random(seed)
         for method in methods:  # one warm-up request per method (not timed)
-            asyncio.run(_poisson_run(server.url, model, method, 1e9, 1e-9, ids, docs, 1, rng,
-                                     drain))
+            asyncio.run(
+                _poisson_run(server.url, model, method, 1e9, 1e-9, ids, docs, 1, rng, drain)
+            )
         for method in methods:
             out["results"][method] = {}
             for rate in rates:
-                summary = asyncio.run(_poisson_run(server.url, model, method, rate, duration,
-                                                   ids, docs, max_tokens, rng, drain))
+                summary = asyncio.run(
+                    _poisson_run(
+                        server.url, model, method, rate, duration, ids, docs, max_tokens, rng, drain
+                    )
+                )
                 out["results"][method][str(rate)] = summary
     return out
 
 
-async def _closed_loop(url: str, model: str, clients: int, requests_each: int,
-                       max_tokens: int) -> dict:
+async def _closed_loop(
+    url: str, model: str, clients: int, requests_each: int, max_tokens: int
+) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
         async def one_client(index: int) -> list[dict]:
             results = []
             for turn in range(requests_each):
-                body = {"model": model, "max_tokens": max_tokens, "messages": [{
-                    "role": "user",
-                    "content": f"Write a long story about dragon number {index}-{turn}."}]}
+                body = {
+                    "model": model,
+                    "max_tokens": max_tokens,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": f"Write a long story about dragon number {index}-{turn}.",
+                        }
+                    ],
+                }
                 results.append(await _chat(client, body))
             return results
 
@@ -175,28 +229,45 @@ async def _closed_loop(url: str, model: str, clients: int, requests_each: int,
         return _summary([r for rs in per_client for r in rs], time.perf_counter() - start)
 
 
-def bench_batching(config: EngineConfig | Engine | None = None, *, clients: int = 8,
-                   requests_each: int = 2, max_tokens: int = 32,
-                   batch_sizes: tuple[int, ...] = (1, 8), rounds: int = 2, loaded=None) -> dict:
+def bench_batching(
+    config: EngineConfig | Engine | None = None,
+    *,
+    clients: int = 8,
+    requests_each: int = 2,
+    max_tokens: int = 32,
+    batch_sizes: tuple[int, ...] = (1, 8),
+    rounds: int = 2,
+    loaded=None,
+) -> dict:
     """Does batching decode steps across requests raise throughput? Closed-loop ``clients``
     run against servers with each ``max_batch_size``, in interleaved rounds; medians."""
     engine = _engine(config, loaded)
     runs: dict[int, list[dict]] = {size: [] for size in batch_sizes}
-    servers = {size: BackgroundServer(create_app(engine, ServerSettings(
-        max_batch_size=size, max_tokens_limit=max_tokens))).start() for size in batch_sizes}
+    servers = {
+        size: BackgroundServer(
+            create_app(engine, ServerSettings(max_batch_size=size, max_tokens_limit=max_tokens))
+        ).start()
+        for size in batch_sizes
+    }
     model = engine.loaded.name
     try:
         for size, server in servers.items():  # warm-up
             asyncio.run(_closed_loop(server.url, model, 1, 1, 2))
         for _ in range(rounds):
             for size, server in servers.items():
-                runs[size].append(asyncio.run(_closed_loop(server.url, model, clients,
-                                                           requests_each, max_tokens)))
+                runs[size].append(
+                    asyncio.run(_closed_loop(server.url, model, clients, requests_each, max_tokens))
+                )
     finally:
         for server in servers.values():
             server.stop()
-    out: dict = {"clients": clients, "requests_each": requests_each, "max_tokens": max_tokens,
-                 "rounds": rounds, "results": {}}
+    out: dict = {
+        "clients": clients,
+        "requests_each": requests_each,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "results": {},
+    }
     for size, summaries in runs.items():
         out["results"][str(size)] = {
             "tokens_per_s": statistics.median(s["tokens_per_s"] for s in summaries),
@@ -207,10 +278,49 @@ def bench_batching(config: EngineConfig | Engine | None = None, *, clients: int 
     return out
 
 
-if __name__ == "__main__":  # python -m cacheblend.bench.serve [batching]
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cacheblend.bench.serve batching|serve [...]``: print JSON."""
+    import argparse
 
-    if sys.argv[1:2] == ["batching"]:
-        print(json.dumps(bench_batching(), indent=2))
+    parser = argparse.ArgumentParser(prog="python -m cacheblend.bench.serve")
+    parser.add_argument("kind", choices=["batching", "serve"])
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--store", default="memory", help="store URL (default memory)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests-each", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, help="default: 32 (batching), 8 (serve)")
+    parser.add_argument("--batch-sizes", default="1,4,8")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--docs", type=int, default=6)
+    parser.add_argument("--doc-tokens", type=int, default=512)
+    parser.add_argument("--pool", type=int)
+    parser.add_argument("--rates", default="0.05,0.1,0.2")
+    parser.add_argument("--duration", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    config = EngineConfig(threads=args.threads, store=args.store)
+    if args.kind == "batching":
+        result = bench_batching(
+            config,
+            clients=args.clients,
+            requests_each=args.requests_each,
+            max_tokens=args.max_tokens or 32,
+            rounds=args.rounds,
+            batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
+        )
     else:
-        print(json.dumps(bench_serve(duration=30.0), indent=2))
+        result = bench_serve(
+            config,
+            docs=args.docs,
+            doc_tokens=args.doc_tokens,
+            pool=args.pool,
+            rates=[float(x) for x in args.rates.split(",")],
+            duration=args.duration,
+            max_tokens=args.max_tokens or 8,
+        )
+    result["threads"] = args.threads
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

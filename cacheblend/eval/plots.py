@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 METRIC_NAMES = {"f1": "answer F1", "rouge_l": "Rouge-L", "top1_agreement": "top-1 agreement",
                 "kl_first_token": "first-token KL vs full (nats)"}

@@ -32,8 +32,8 @@ def dataset_table(summary: dict) -> str:
     name = METRIC_NAMES.get(metric, metric)
     full_ttft = summary["methods"].get("full", {}).get("ttft_s")
     lines = [
-        f"| method | n | KL(full‖m) first token | top-1 agree | {name} | {name} vs full | "
-        "TTFT s (mean) | speed-up vs full | recomputed of chunks | computed of prompt |",
+        (f"| method | n | KL(full‖m) first token | top-1 agree | {name} | {name} vs full | "
+        "TTFT s (mean) | speed-up vs full | recomputed of chunks | computed of prompt |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, m in summary["methods"].items():
@@ -90,28 +90,28 @@ def write_report(out_dir: str | Path, summaries: list[dict], sweep: dict | None 
              f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `cacheblend eval`."]
     if commands:
         parts += ["", "Commands:", "", "```", *commands, "```"]
-    parts += ["", "Columns: first-token KL(full ‖ method) over the softmax of the last prompt "
+    parts += ["", ("Columns: first-token KL(full ‖ method) over the softmax of the last prompt "
               "position's logits (lower is better) and top-1 agreement with full prefill; answer "
               "scores against the gold answers and against the full-prefill answer (greedy "
               "decoding; QA answers are read from the first line); TTFT of requests whose chunks "
               "were all in the store (mean over examples); recomputed = cached chunk tokens "
-              "computed again, computed = prompt tokens with fresh K/V at the last layer."]
+              "computed again, computed = prompt tokens with fresh K/V at the last layer.")]
     for summary in summaries:
         setting = summary["setting"]
         parts += ["", f"## {summary['dataset']}", "",
-                  f"{summary['examples']} examples ({summary['skipped']} skipped as too long); "
+                  (f"{summary['examples']} examples ({summary['skipped']} skipped as too long); "
                   f"passages per example: {setting['passages'] or 'all'}, tokens per passage: "
                   f"{setting['passage_tokens'] or 'untruncated'}, max new tokens: "
                   f"{setting['max_tokens']}; model `{setting['model'][:12]}`, store codec "
-                  f"{setting['store_codec']}.", "", dataset_table(summary)]
+                  f"{setting['store_codec']}."), "", dataset_table(summary)]
         for name, plot in plots.get(summary["dataset"], {}).items():
             parts += ["", f"![{summary['dataset']} {name}]({_place(Path(plot), out_dir)})"]
     if sweep:
         parts += ["", "## TTFT against prompt length", "",
-                  f"Median of {sweep['repeats']} requests after a warm-up, {sweep['source']} "
+                  (f"Median of {sweep['repeats']} requests after a warm-up, {sweep['source']} "
                   f"chunks of ~{sweep['chunk_tokens']} tokens. `prefix`: the system prefix is "
                   "cached, the chunks are not (a RAG request whose chunk order was not seen "
-                  "before). `hf_full`: transformers' forward of the same ids.", "",
+                  "before). `hf_full`: transformers' forward of the same ids."), "",
                   sweep_table(sweep)]
         if sweep.get("skipped_peers"):
             parts += ["", f"Not installed, skipped: {', '.join(sweep['skipped_peers'])}."]

@@ -35,7 +35,7 @@ from cacheblend.decode import SamplingParams
 from cacheblend.engine import Engine, GenerateRequest, GenerateResult
 from cacheblend.eval.datasets import TASK_METRIC, Example, LoadedDataset
 from cacheblend.eval.methods import MethodSpec, parse_method
-from cacheblend.eval.metrics import (METRICS, first_line, first_token_kl, top1_agreement)
+from cacheblend.eval.metrics import METRICS, first_line, first_token_kl, top1_agreement
 from cacheblend.eval.prompts import PROMPTS, build_segments, prompts_version
 from cacheblend.prompt import Segments
 
@@ -142,6 +142,7 @@ class ReferenceLogits:
         return self.directory / f"{safe}.safetensors"
 
     def load(self, example: str) -> torch.Tensor | None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = self._path(example)
@@ -149,7 +150,7 @@ class ReferenceLogits:
             return None
         try:
             return load_file(str(path))["logits"]
-        except Exception as exc:  # a torn file: recompute
+        except (OSError, SafetensorError, KeyError) as exc:  # a torn file: recompute
             log.warning("cannot read %s (%s); recomputing", path, exc)
             return None
 
@@ -287,8 +288,8 @@ def evaluate_example(engine: Engine, example: Example, plan: EvalPlan, results: 
             continue
         note(spec.label)
         decode = spec.label in plan.decode
-        result = generate_hit(views[spec.label],
-                        _request(segments, spec.method, plan.max_tokens if decode else 1))
+        request = _request(segments, spec.method, plan.max_tokens if decode else 1)
+        result = generate_hit(views[spec.label], request)
         results.append(_row(example, spec, result, reference, decode, full_answer))
 
 

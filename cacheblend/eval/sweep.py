@@ -2,8 +2,8 @@
 
 For each target length the prompt is ``prefix | chunks of ~chunk_tokens tokens | question``,
 its chunks cut from synthetic text or from a dataset's passages. Each method runs once untimed
-(warm-up; for reuse/blend/epic this also stores the chunks), then ``repeats`` timed requests;
-the median TTFT is reported.
+(warm-up; for reuse/blend/epic this also stores the chunks), then ``repeats`` timed requests,
+round-robin over the methods; the median TTFT is reported (and the minimum).
 
 - ``prefix`` is timed as a RAG request meets a prefix cache: the system prefix is cached, the
   chunks (in an order not seen before) are not. Each timed request uses a fresh store holding only
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from statistics import median
 
 import torch
@@ -38,10 +39,13 @@ PEERS = ("hf_full", "llama_cpp")
 QUESTION = "What are the main topics of the documents above?"
 SWEEP_FILE = "ttft_sweep.json"
 
-_WORDS = ("river market engine winter signal garden harbor silver theory museum village "
-          "council journey protein glacier archive orbit lantern festival canal treaty "
-          "compiler meadow cathedral voltage harvest dialect furnace telescope parliament "
-          "mineral orchestra railway volcano ledger comet pharmacy lagoon").split()
+_WORDS = (
+    "river", "market", "engine", "winter", "signal", "garden", "harbor", "silver", "theory",
+    "museum", "village", "council", "journey", "protein", "glacier", "archive", "orbit",
+    "lantern", "festival", "canal", "treaty", "compiler", "meadow", "cathedral", "voltage",
+    "harvest", "dialect", "furnace", "telescope", "parliament", "mineral", "orchestra", "railway",
+    "volcano", "ledger", "comet", "pharmacy", "lagoon",
+)
 
 
 def synthetic_text(num_words: int, seed: int = 0) -> str:
@@ -134,7 +138,11 @@ def run_sweep(engine: Engine, lengths=DEFAULT_LENGTHS, methods: str = DEFAULT_ME
               repeats: int = 3, chunk_tokens: int = 512, source_text: str | None = None,
               source: str = "synthetic", precompute: list[str] | None = None,
               progress: bool = True) -> dict:
-    """Median TTFT per (method, length). Returns the JSON-ready result."""
+    """Median TTFT per (method, length). Returns the JSON-ready result.
+
+    At each length every method is warmed up first, then the timed runs go round-robin over the
+    methods, so a change in the machine's load hits every method alike.
+    """
     specs, peers = parse_sweep_methods(methods, precompute)
     limit = engine.runner.max_positions
     text = source_text or synthetic_text(12000)
@@ -143,38 +151,46 @@ def run_sweep(engine: Engine, lengths=DEFAULT_LENGTHS, methods: str = DEFAULT_ME
     results: dict[str, list[dict]] = {label: [] for label in labels}
     overhead = engine.segments_for(_request([], "full")).num_tokens
     warm_up(engine)
-    steps = [(length, label) for length in lengths for label in labels]
-    with tqdm(steps, desc="ttft sweep", unit="run", disable=not progress) as bar:
-        documents, current = [], None
-        for length, label in bar:
-            if length != current:
-                current = length
-                num_chunks = max(1, round((length - overhead) / chunk_tokens))
-                documents = make_chunks(text, engine.tokenizer, num_chunks, chunk_tokens)
-                ids = engine.segments_for(_request(documents, "full")).ids
-                if len(ids) + 1 >= limit:
-                    raise ValueError(f"sweep length {length} gives a {len(ids)}-token prompt; "
-                                     f"the model allows {limit - 1}")
-            bar.set_postfix_str(f"{length} {label}", refresh=True)
-            times = _measure(engine, label, specs, documents, ids, repeats, llama)
-            results[label].append({"target_tokens": length, "prompt_tokens": len(ids),
-                                   "ttft_s": median(times), "ttft_all": times})
+    steps = len(lengths) * (repeats + 1) * len(labels)
+    with tqdm(total=steps, desc="ttft sweep", unit="run", disable=not progress) as bar:
+        for length in lengths:
+            num_chunks = max(1, round((length - overhead) / chunk_tokens))
+            documents = make_chunks(text, engine.tokenizer, num_chunks, chunk_tokens)
+            ids = engine.segments_for(_request(documents, "full")).ids
+            if len(ids) + 1 >= limit:
+                raise ValueError(f"sweep length {length} gives a {len(ids)}-token prompt; "
+                                 f"the model allows {limit - 1}")
+            timers = {label: _timer(engine, label, specs, documents, ids, llama)
+                      for label in labels}
+            times: dict[str, list[float]] = {label: [] for label in labels}
+            for round_index in range(repeats + 1):  # round 0 is the warm-up
+                for label in labels:
+                    bar.set_postfix_str(f"{length} {label}", refresh=True)
+                    seconds = timers[label]()
+                    if round_index:
+                        times[label].append(seconds)
+                    bar.update()
+            for label in labels:
+                results[label].append({"target_tokens": length, "prompt_tokens": len(ids),
+                                       "ttft_s": median(times[label]),
+                                       "ttft_min_s": min(times[label]),
+                                       "ttft_all": times[label]})
     return {"lengths": list(lengths), "repeats": repeats, "chunk_tokens": chunk_tokens,
             "source": source, "methods": results,
             "skipped_peers": [p for p in peers if p not in labels]}
 
 
-def _measure(engine: Engine, label: str, specs: list[MethodSpec], documents: list[str],
-             ids: list[int], repeats: int, llama) -> list[float]:
-    """Warm-up once, then ``repeats`` timed runs: TTFT seconds."""
+def _timer(engine: Engine, label: str, specs: list[MethodSpec], documents: list[str],
+           ids: list[int], llama) -> Callable[[], float]:
+    """A function that runs one request of ``label`` and returns its TTFT in seconds."""
     if label == "hf_full":
-        return [_hf_ttft(engine, ids) for _ in range(repeats + 1)][1:]
+        return lambda: _hf_ttft(engine, ids)
     if label == "llama_cpp":
-        return [llama.ttft(ids) for _ in range(repeats + 1)][1:]
+        return lambda: llama.ttft(ids)
     spec = next(s for s in specs if s.label == label)
     view = spec.engine_for(engine)
     if spec.method == "prefix":
-        return [_prefix_ttft(view, documents) for _ in range(repeats + 1)][1:]
+        return lambda: _prefix_ttft(view, documents)
     request = _request(documents, spec.method)
-    view.generate(request)  # warm-up; stores the chunks for reuse / blend / epic
-    return [generate_hit(view, request).stats.ttft_s for _ in range(repeats)]
+    # the warm-up round stores the chunks for reuse / blend / epic; later rounds hit them
+    return lambda: generate_hit(view, request).stats.ttft_s

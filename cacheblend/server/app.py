@@ -20,29 +20,55 @@ from starlette.concurrency import run_in_threadpool
 
 from cacheblend.engine import Engine
 from cacheblend.server import convert
-from cacheblend.server.documents import (DocumentRegistry, RegistryFullError,
-                                         RegistryUnavailableError, StoredDocument, document_id,
-                                         open_documents)
+from cacheblend.server.documents import (
+    DocumentRegistry,
+    RegistryFullError,
+    RegistryUnavailableError,
+    StoredDocument,
+    document_id,
+    open_documents,
+)
 from cacheblend.server.errors import ApiError, as_api_error, install_error_handlers
 from cacheblend.server.metrics import CONTENT_TYPE, ServerMetrics
 from cacheblend.server.middleware import ApiKeyCheck, BodyLimit, RequestCounter
-from cacheblend.server.protocol import (DOCUMENT_ID_PATTERN, ChatCompletionRequest,
-                                        ChatCompletionResponse, CompletionRequest,
-                                        CompletionResponse, DocumentDeleted, DocumentList,
-                                        DocumentRef, DocumentUpload, ErrorResponse, Health,
-                                        ModelCard, ModelList)
+from cacheblend.server.protocol import (
+    DOCUMENT_ID_PATTERN,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DocumentDeleted,
+    DocumentList,
+    DocumentRef,
+    DocumentUpload,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
 from cacheblend.server.responses import ClientGone, collect, respond
 from cacheblend.server.scheduler import Job, QueueFullError, Scheduler, SchedulerStopped
 from cacheblend.server.settings import ServerSettings
 from cacheblend.store.keys import chunk_key
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
-ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-             "/v1/documents", "/openapi.json", "/docs"}
+ENDPOINTS = {
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/documents",
+    "/openapi.json",
+    "/docs",
+}
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None,
-               documents: DocumentRegistry | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    settings: ServerSettings | None = None,
+    documents: DocumentRegistry | None = None,
+) -> FastAPI:
     """An app serving ``engine``; its worker thread starts with the first request (or the
     lifespan) and stops with the lifespan."""
     settings = settings or ServerSettings()
@@ -60,8 +86,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         finally:
             await run_in_threadpool(scheduler.stop)
 
-    app = FastAPI(title="cacheblend", summary="OpenAI-compatible server with CacheBlend KV reuse",
-                  lifespan=lifespan, redoc_url=None)
+    app = FastAPI(
+        title="cacheblend",
+        summary="OpenAI-compatible server with CacheBlend KV reuse",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
     app.state.engine, app.state.scheduler = engine, scheduler
     app.state.metrics, app.state.documents, app.state.settings = metrics, registry, settings
     install_error_handlers(app)
@@ -73,15 +103,23 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         try:
             return scheduler.submit_call(fn) if call else scheduler.submit(fn)
         except QueueFullError as exc:
-            raise ApiError(429, f"server busy: {exc}; retry later", code="queue_full",
-                           headers={"Retry-After": "1"}) from exc
+            raise ApiError(
+                429,
+                f"server busy: {exc}; retry later",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from exc
         except SchedulerStopped as exc:
             raise ApiError(503, str(exc), code="shutting_down") from exc
 
     def check_model(name: str) -> None:
         if name != model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves "
-                           f"{model_name!r}", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {name!r} does not exist; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     async def registry_call(fn, *args):
         try:
@@ -93,9 +131,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         """Request documents -> texts (uploaded ones looked up by id)."""
         items = items or []
         if len(items) > settings.max_documents_per_request:
-            raise ApiError(413, f"{len(items)} documents; at most "
-                           f"{settings.max_documents_per_request} per request",
-                           param="documents", code="too_many_documents")
+            raise ApiError(
+                413,
+                f"{len(items)} documents; at most {settings.max_documents_per_request} per request",
+                param="documents",
+                code="too_many_documents",
+            )
         texts = []
         for index, item in enumerate(items):
             text = item if isinstance(item, str) else item.text
@@ -103,9 +144,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
                 assert isinstance(item, DocumentRef) and item.id is not None
                 stored = await registry_call(registry.get, item.id)
                 if stored is None:
-                    raise ApiError(404, f"document {item.id!r} not found; upload it with "
-                                   "POST /v1/documents", param=f"documents[{index}].id",
-                                   code="document_not_found")
+                    raise ApiError(
+                        404,
+                        f"document {item.id!r} not found; upload it with POST /v1/documents",
+                        param=f"documents[{index}].id",
+                        code="document_not_found",
+                    )
                 text = stored.text
             check_document(text, f"documents[{index}]")
             texts.append(text)
@@ -115,9 +159,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         if not text.strip():
             raise ApiError(400, f"{param} is empty", param=param, code="invalid_value")
         if len(text) > settings.max_document_chars:
-            raise ApiError(413, f"{param} has {len(text)} characters; at most "
-                           f"{settings.max_document_chars}", param=param,
-                           code="document_too_large")
+            raise ApiError(
+                413,
+                f"{param} has {len(text)} characters; at most {settings.max_document_chars}",
+                param=param,
+                code="document_too_large",
+            )
 
     # --- OpenAI endpoints ---------------------------------------------------------------------
 
@@ -125,27 +172,33 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         if body.logprobs:
-            raise ApiError(400, "logprobs are not supported", param="logprobs",
-                           code="unsupported")
+            raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported")
         prepare = convert.prepare_chat(engine, settings, body, await resolve(body.documents))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await respond(scheduler, submit(prepare), request, body.stream,
-                             lambda result, queue_s: convert.chat_response(result, queue_s,
-                                                                           model_name),
-                             convert.ChunkMaker(True, model_name, include_usage))
+        return await respond(
+            scheduler,
+            submit(prepare),
+            request,
+            body.stream,
+            lambda result, queue_s: convert.chat_response(result, queue_s, model_name),
+            convert.ChunkMaker(True, model_name, include_usage),
+        )
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo", code="unsupported")
-        prepare = convert.prepare_completion(engine, settings, body,
-                                             await resolve(body.documents))
+        prepare = convert.prepare_completion(engine, settings, body, await resolve(body.documents))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await respond(scheduler, submit(prepare), request, body.stream,
-                             lambda result, queue_s: convert.completion_response(result, queue_s,
-                                                                                 model_name),
-                             convert.ChunkMaker(False, model_name, include_usage))
+        return await respond(
+            scheduler,
+            submit(prepare),
+            request,
+            body.stream,
+            lambda result, queue_s: convert.completion_response(result, queue_s, model_name),
+            convert.ChunkMaker(False, model_name, include_usage),
+        )
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def list_models() -> dict:
@@ -162,9 +215,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
     async def upload_documents(body: DocumentUpload, request: Request) -> dict:
         """Precompute and store documents ahead of traffic; reference them later by id."""
         if len(body.documents) > settings.max_documents_per_request:
-            raise ApiError(413, f"{len(body.documents)} documents; at most "
-                           f"{settings.max_documents_per_request} per request",
-                           param="documents", code="too_many_documents")
+            raise ApiError(
+                413,
+                f"{len(body.documents)} documents; at most "
+                f"{settings.max_documents_per_request} per request",
+                param="documents",
+                code="too_many_documents",
+            )
         items = []
         for index, item in enumerate(body.documents):
             text = item if isinstance(item, str) else item.text
@@ -172,27 +229,41 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
             doc_id = item.id if not isinstance(item, str) and item.id else document_id(text)
             items.append((doc_id, text))
         try:
-            too_long = await collect(scheduler, submit(lambda: _too_long(engine, items), True),
-                                     request)
+            too_long = await collect(
+                scheduler, submit(lambda: _too_long(engine, items), True), request
+            )
         except ClientGone:
             return Response(status_code=499)
         if too_long:
             index, tokens = too_long
-            raise ApiError(400, f"documents[{index}] has {tokens} tokens; the model allows at "
-                           f"most {engine.runner.max_positions - 1} with its preamble",
-                           param=f"documents[{index}]", code="document_too_long")
-        jobs = [submit(lambda text=text: engine.ingest([text], progress=False)[0], True)
-                for _, text in items]
+            raise ApiError(
+                400,
+                f"documents[{index}] has {tokens} tokens; the model allows at "
+                f"most {engine.runner.max_positions - 1} with its preamble",
+                param=f"documents[{index}]",
+                code="document_too_long",
+            )
+        jobs = [
+            submit(lambda text=text: engine.ingest([text], progress=False)[0], True)
+            for _, text in items
+        ]
         data = []
         for (doc_id, text), job in zip(items, jobs):
             result = await _wait(job)
             try:
-                await registry_call(registry.put, doc_id,
-                                    StoredDocument(text=text, num_tokens=result.num_tokens))
+                await registry_call(
+                    registry.put, doc_id, StoredDocument(text=text, num_tokens=result.num_tokens)
+                )
             except RegistryFullError as exc:
                 raise ApiError(400, str(exc), param="documents", code="registry_full") from exc
-            data.append({"id": doc_id, "object": "document", "num_tokens": result.num_tokens,
-                         "cached": result.cached})
+            data.append(
+                {
+                    "id": doc_id,
+                    "object": "document",
+                    "num_tokens": result.num_tokens,
+                    "cached": result.cached,
+                }
+            )
         return {"object": "list", "data": data}
 
     @app.delete("/v1/documents/{document_id}", response_model=DocumentDeleted, responses=ERRORS)
@@ -200,11 +271,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         """Forget a document and drop its KV entry (a later use recomputes it)."""
         stored = await registry_call(registry.get, document_id)
         if stored is None:
-            raise ApiError(404, f"document {document_id!r} not found", param="document_id",
-                           code="document_not_found")
+            raise ApiError(
+                404,
+                f"document {document_id!r} not found",
+                param="document_id",
+                code="document_not_found",
+            )
         await registry_call(registry.delete, document_id)
-        await _wait(submit(lambda: engine.store.delete(_key(engine, stored.text)),
-                                      True))
+        await _wait(submit(lambda: engine.store.delete(_key(engine, stored.text)), True))
         return {"id": document_id, "object": "document", "deleted": True}
 
     # --- operations ---------------------------------------------------------------------------
@@ -213,9 +287,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
     async def health() -> Response:
         if not scheduler.healthy:
             raise ApiError(503, "the scheduler thread has stopped", code="unhealthy")
-        return JSONResponse({"status": "ok", "model": model_name,
-                             "queue_length": scheduler.queue_length,
-                             "running": scheduler.running})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": model_name,
+                "queue_length": scheduler.queue_length,
+                "running": scheduler.running,
+            }
+        )
 
     @app.get("/metrics", response_class=Response, responses=ERRORS)
     async def prometheus_metrics() -> Response:
@@ -247,4 +326,3 @@ def _too_long(engine: Engine, items: list[tuple[str, str]]) -> tuple[int, int] |
 def _key(engine: Engine, text: str) -> str:
     preamble = engine.preamble_for(engine.default_prefix(), engine.config.blend)
     return chunk_key(engine.fingerprint, preamble, engine.prompts.chunk_ids(text))
-

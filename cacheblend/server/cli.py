@@ -17,33 +17,66 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "serve", help="OpenAI-compatible HTTP server with CacheBlend KV reuse",
+        "serve",
+        help="OpenAI-compatible HTTP server with CacheBlend KV reuse",
         description="Serve /v1/chat/completions, /v1/completions, /v1/models, /v1/documents, "
-        "/health and /metrics. Binds 127.0.0.1 unless --host says otherwise.")
+        "/health and /metrics. Binds 127.0.0.1 unless --host says otherwise.",
+    )
     add_engine_args(parser)
     defaults = ServerSettings()
     parser.add_argument("--host", default=defaults.host, help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=defaults.port, help="default 8000")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint "
-                        "but /health (default: $CACHEBLEND_API_KEY)")
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
-                        help=f"largest request body (default {defaults.max_body_bytes})")
-    parser.add_argument("--max-document-chars", type=int, default=defaults.max_document_chars,
-                        help=f"largest document (default {defaults.max_document_chars})")
-    parser.add_argument("--separator", help="LMCache-compatible mode: this string in a prompt "
-                        "splits it into segments, each tokenized alone (e.g. ' # # ')")
-    parser.add_argument("--default-method", choices=METHODS,
-                        help="method for requests that name none (default: the config's)")
-    parser.add_argument("--default-ratio", type=float,
-                        help="blend ratio for requests that give none (default: the config's)")
-    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
-                        help="requests decoded together per step; 1 = one at a time "
-                        f"(default {defaults.max_batch_size})")
-    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                        help=f"waiting requests beyond this get 429 (default {defaults.max_queue})")
-    parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit,
-                        help=f"largest max_tokens a request may ask (default "
-                        f"{defaults.max_tokens_limit})")
+    parser.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every endpoint "
+        "but /health (default: $CACHEBLEND_API_KEY)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help=f"largest request body (default {defaults.max_body_bytes})",
+    )
+    parser.add_argument(
+        "--max-document-chars",
+        type=int,
+        default=defaults.max_document_chars,
+        help=f"largest document (default {defaults.max_document_chars})",
+    )
+    parser.add_argument(
+        "--separator",
+        help="LMCache-compatible mode: this string in a prompt "
+        "splits it into segments, each tokenized alone (e.g. ' # # ')",
+    )
+    parser.add_argument(
+        "--default-method",
+        choices=METHODS,
+        help="method for requests that name none (default: the config's)",
+    )
+    parser.add_argument(
+        "--default-ratio",
+        type=float,
+        help="blend ratio for requests that give none (default: the config's)",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=defaults.max_batch_size,
+        help="requests decoded together per step; 1 = one at a time "
+        f"(default {defaults.max_batch_size})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=defaults.max_queue,
+        help=f"waiting requests beyond this get 429 (default {defaults.max_queue})",
+    )
+    parser.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=defaults.max_tokens_limit,
+        help=f"largest max_tokens a request may ask (default {defaults.max_tokens_limit})",
+    )
     parser.add_argument("--served-model-name", help="model id clients use (default: the model's)")
     parser.set_defaults(handler=run)
 
@@ -86,12 +119,21 @@ def run(args: argparse.Namespace) -> int:
     engine = make_engine(args)
     app = create_app(engine, settings)
     if not settings.is_loopback and settings.api_key is None:
-        log.warning("serving on %s without an API key: anyone who can reach it can use it",
-                    settings.host)
+        log.warning(
+            "serving on %s without an API key: anyone who can reach it can use it", settings.host
+        )
     name = settings.served_model_name or engine.loaded.name
-    print(f"cacheblend: serving {name} on http://{settings.host}:{settings.port} "
-          f"(store {redact(engine.config.store)}, key {'on' if settings.api_key else 'off'})",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    print(
+        f"cacheblend: serving {name} on http://{settings.host}:{settings.port} "
+        f"(store {redact(engine.config.store)}, key {'on' if settings.api_key else 'off'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
     return 0

@@ -26,14 +26,20 @@ from cacheblend.server.settings import ServerSettings
 Prepare = Callable[[], GenerateRequest]
 
 
-def sampling_params(body: _Sampling, settings: ServerSettings, engine: Engine,
-                    max_tokens: int | None) -> SamplingParams:
+def sampling_params(
+    body: _Sampling, settings: ServerSettings, engine: Engine, max_tokens: int | None
+) -> SamplingParams:
     if max_tokens is None:
-        max_tokens = min(settings.default_max_tokens or engine.config.max_new_tokens,
-                         settings.max_tokens_limit)
+        max_tokens = min(
+            settings.default_max_tokens or engine.config.max_new_tokens, settings.max_tokens_limit
+        )
     if max_tokens > settings.max_tokens_limit:
-        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most "
-                       f"{settings.max_tokens_limit}", param="max_tokens", code="invalid_value")
+        raise ApiError(
+            400,
+            f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens_limit}",
+            param="max_tokens",
+            code="invalid_value",
+        )
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -60,25 +66,34 @@ def _guard(build: Callable[[], Segments | GenerateRequest]):
         return build()
     except CacheBlendError:
         raise
-    except Exception as exc:  # noqa: BLE001 - jinja2 TemplateError, ValueError, ...
+    except Exception as exc:  # jinja2 TemplateError, ValueError, ...
         raise InvalidRequestError(f"cannot build the prompt: {exc}") from exc
 
 
-def prepare_chat(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest,
-                 documents: list[str]) -> Prepare:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
+def prepare_chat(
+    engine: Engine, settings: ServerSettings, body: ChatCompletionRequest, documents: list[str]
+) -> Prepare:
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in body.messages
+    ]
     if not any(m["role"] == "user" for m in messages):
-        raise ApiError(400, "messages must include a user message", param="messages",
-                       code="invalid_value")
+        raise ApiError(
+            400, "messages must include a user message", param="messages", code="invalid_value"
+        )
     separator = settings.separator
     split = bool(separator) and any(separator in m["content"] for m in messages)
     if split and documents:
-        raise ApiError(400, "use either documents or the separator, not both",
-                       param="documents", code="invalid_value")
+        raise ApiError(
+            400,
+            "use either documents or the separator, not both",
+            param="documents",
+            code="invalid_value",
+        )
     method, ratio = fusion_options(body, settings)
-    sampling = sampling_params(body, settings, engine, body.max_completion_tokens or
-                               body.max_tokens)
+    sampling = sampling_params(
+        body, settings, engine, body.max_completion_tokens or body.max_tokens
+    )
     prompts, config = engine.prompts, engine.config
 
     def build() -> Segments:
@@ -95,35 +110,53 @@ def prepare_chat(engine: Engine, settings: ServerSettings, body: ChatCompletionR
         return prompts.build_messages(conversation, documents, question_prefix=head)
 
     def prepare() -> GenerateRequest:
-        return GenerateRequest(segments=_guard(build), method=method, ratio=ratio,
-                               sampling=sampling)
+        return GenerateRequest(
+            segments=_guard(build), method=method, ratio=ratio, sampling=sampling
+        )
 
     return prepare
 
 
-def prepare_completion(engine: Engine, settings: ServerSettings, body: CompletionRequest,
-                       documents: list[str]) -> Prepare:
+def prepare_completion(
+    engine: Engine, settings: ServerSettings, body: CompletionRequest, documents: list[str]
+) -> Prepare:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
-            raise ApiError(400, f"prompt holds {len(prompt)} prompts; send one per request",
-                           param="prompt", code="invalid_value")
+            raise ApiError(
+                400,
+                f"prompt holds {len(prompt)} prompts; send one per request",
+                param="prompt",
+                code="invalid_value",
+            )
         prompt = prompt[0]
     if isinstance(prompt, list):
         if not prompt:
             raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
         vocab = engine.runner.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
-            raise ApiError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt",
-                           code="invalid_value")
+            raise ApiError(
+                400,
+                f"prompt token ids must lie in [0, {vocab})",
+                param="prompt",
+                code="invalid_value",
+            )
         if documents:
-            raise ApiError(400, "documents need a text prompt, not token ids",
-                           param="documents", code="invalid_value")
+            raise ApiError(
+                400,
+                "documents need a text prompt, not token ids",
+                param="documents",
+                code="invalid_value",
+            )
     separator = settings.separator
     split = isinstance(prompt, str) and bool(separator) and separator in prompt
     if split and documents:
-        raise ApiError(400, "use either documents or the separator, not both",
-                       param="documents", code="invalid_value")
+        raise ApiError(
+            400,
+            "use either documents or the separator, not both",
+            param="documents",
+            code="invalid_value",
+        )
     method, ratio = fusion_options(body, settings)
     sampling = sampling_params(body, settings, engine, body.max_tokens)
     prompts = engine.prompts
@@ -136,7 +169,8 @@ def prepare_completion(engine: Engine, settings: ServerSettings, body: Completio
             return GenerateRequest(question=prompt, documents=documents, **common)
         if split:
             return GenerateRequest(
-                segments=_guard(lambda: prompts.split_by_separator(prompt, separator)), **common)
+                segments=_guard(lambda: prompts.split_by_separator(prompt, separator)), **common
+            )
         return GenerateRequest(segments=Segments((), (), prompts.template_ids(prompt)), **common)
 
     return prepare
@@ -155,8 +189,11 @@ def now() -> int:
 
 def usage(result: GenerateResult) -> dict:
     prompt, completion = result.stats.prompt_tokens, result.stats.completion_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def stats(result: GenerateResult, queue_s: float) -> dict:
@@ -165,19 +202,39 @@ def stats(result: GenerateResult, queue_s: float) -> dict:
 
 def chat_response(result: GenerateResult, queue_s: float, model: str) -> dict:
     return {
-        "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": usage(result), "cacheblend": stats(result, queue_s),
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(result),
+        "cacheblend": stats(result, queue_s),
     }
 
 
 def completion_response(result: GenerateResult, queue_s: float, model: str) -> dict:
     return {
-        "id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model,
-        "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason,
-                     "logprobs": None}],
-        "usage": usage(result), "cacheblend": stats(result, queue_s),
+        "id": new_id("cmpl"),
+        "object": "text_completion",
+        "created": now(),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": result.text,
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(result),
+        "cacheblend": stats(result, queue_s),
     }
 
 
@@ -192,31 +249,56 @@ class ChunkMaker:
         self.created = now()
 
     def _chunk(self, choice: dict | None, **extra) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else
-                "text_completion", "created": self.created, "model": self.model,
-                "choices": [choice] if choice is not None else [], **extra}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice] if choice is not None else [],
+            **extra,
+        }
 
     def opening(self) -> list[dict]:
         if not self.chat:
             return []
-        return [self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                             "finish_reason": None, "logprobs": None})]
+        return [
+            self._chunk(
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": None,
+                    "logprobs": None,
+                }
+            )
+        ]
 
     def delta(self, text: str) -> dict:
         if self.chat:
-            choice = {"index": 0, "delta": {"content": text}, "finish_reason": None,
-                      "logprobs": None}
+            choice = {
+                "index": 0,
+                "delta": {"content": text},
+                "finish_reason": None,
+                "logprobs": None,
+            }
         else:
             choice = {"index": 0, "text": text, "finish_reason": None, "logprobs": None}
         return self._chunk(choice)
 
     def closing(self, result: GenerateResult, queue_s: float) -> list[dict]:
         if self.chat:
-            choice = {"index": 0, "delta": {}, "finish_reason": result.finish_reason,
-                      "logprobs": None}
+            choice = {
+                "index": 0,
+                "delta": {},
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
         else:
-            choice = {"index": 0, "text": "", "finish_reason": result.finish_reason,
-                      "logprobs": None}
+            choice = {
+                "index": 0,
+                "text": "",
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
         chunks = [self._chunk(choice, cacheblend=stats(result, queue_s))]
         if self.include_usage:
             chunks.append(self._chunk(None, usage=usage(result)))

@@ -67,8 +67,9 @@ class MemoryDocuments(DocumentRegistry):
     def put(self, doc_id: str, document: StoredDocument) -> None:
         with self._lock:
             if doc_id not in self._documents and len(self._documents) >= self.max_documents:
-                raise RegistryFullError(f"the registry holds {self.max_documents} documents; "
-                                        "delete some first")
+                raise RegistryFullError(
+                    f"the registry holds {self.max_documents} documents; delete some first"
+                )
             self._documents[doc_id] = document
 
     def delete(self, doc_id: str) -> bool:
@@ -84,8 +85,9 @@ class RedisDocuments(DocumentRegistry):
 
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         self.prefix = f"{prefix}doc:"
-        self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
-                                            socket_connect_timeout=socket_timeout)
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        )
 
     def _call(self, fn, *args):
         try:

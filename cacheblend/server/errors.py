@@ -33,8 +33,14 @@ ERROR_TYPES = {
 class ApiError(Exception):
     """An error with its HTTP status and OpenAI fields."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -43,16 +49,25 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_body(status: int, message: str, param: str | None = None,
-               code: str | None = None) -> dict:
-    error_type = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict:
+    error_type = ERROR_TYPES.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status,
-                        headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(status, message, param, code), status_code=status, headers=headers
+    )
 
 
 def as_api_error(exc: BaseException) -> ApiError:
@@ -84,8 +99,9 @@ def _param(loc: tuple) -> str | None:
 def _most_specific(errors: list[dict]) -> dict:
     """The error that says most: a value error over a union branch's type mismatch, then the
     deepest location."""
-    return max(errors, key=lambda e: (not str(e.get("type", "")).endswith("_type"),
-                                      len(e.get("loc", ()))))
+    return max(
+        errors, key=lambda e: (not str(e.get("type", "")).endswith("_type"), len(e.get("loc", ())))
+    )
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -95,14 +111,20 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     first = _most_specific(errors)
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
-        return ApiError(400, f"the request body is not valid JSON: {detail}".rstrip(": "),
-                        code="invalid_json")
+        return ApiError(
+            400, f"the request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json"
+        )
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "missing" and param is None:
         return ApiError(400, "the request needs a JSON body", code="missing_body")
     # Union branches of the same value are one problem, not several.
-    others = len({p for p in (_param(tuple(e.get("loc", ()))) for e in errors)
-                  if p and p != param and not (param or "").startswith(p)})
+    others = len(
+        {
+            p
+            for p in (_param(tuple(e.get("loc", ()))) for e in errors)
+            if p and p != param and not (param or "").startswith(p)
+        }
+    )
     more = f" (and {others} more problems)" if others else ""
     message = f"{param}: {first.get('msg')}{more}" if param else f"{first.get('msg')}{more}"
     return ApiError(400, message, param=param, code=first.get("type"))

@@ -36,11 +36,14 @@ class StoreCollector(Collector):
 
     def collect(self):
         hits = CounterMetricFamily("cacheblend_store_hits", "Store lookups found", labels=["tier"])
-        misses = CounterMetricFamily("cacheblend_store_misses", "Store lookups not found",
-                                     labels=["tier"])
-        errors = CounterMetricFamily("cacheblend_store_errors",
-                                     "Corrupt entries dropped and backend failures",
-                                     labels=["tier"])
+        misses = CounterMetricFamily(
+            "cacheblend_store_misses", "Store lookups not found", labels=["tier"]
+        )
+        errors = CounterMetricFamily(
+            "cacheblend_store_errors",
+            "Corrupt entries dropped and backend failures",
+            labels=["tier"],
+        )
         entries = GaugeMetricFamily("cacheblend_store_entries", "Entries held", labels=["tier"])
         size = GaugeMetricFamily("cacheblend_store_bytes", "Bytes held", labels=["tier"])
         try:
@@ -64,28 +67,56 @@ class ServerMetrics:
     def __init__(self, store: KVStore | None = None) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.ttft = Histogram("cacheblend_time_to_first_token_seconds",
-                              "Arrival to first token, queue wait included", ["method"],
-                              buckets=TIME_BUCKETS, registry=registry)
-        self.latency = Histogram("cacheblend_request_latency_seconds",
-                                 "Arrival to last token (end to end)", ["method"],
-                                 buckets=TIME_BUCKETS, registry=registry)
-        self.queue_wait = Histogram("cacheblend_queue_wait_seconds",
-                                    "Time a request waited before its prefill started",
-                                    buckets=TIME_BUCKETS, registry=registry)
-        self.tokens = Counter("cacheblend_tokens", "Tokens by kind: prompt, completion, "
-                              "reused (KV from cache), recomputed, computed, missed (no entry)",
-                              ["kind"], registry=registry)
-        self.requests = Counter("cacheblend_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=registry)
-        self.cancelled = Counter("cacheblend_cancelled_requests",
-                                 "Requests whose client left before the end", registry=registry)
-        self.batch_size = Histogram("cacheblend_decode_batch_size", "Requests per decode step",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
-        self.queue_length = Gauge("cacheblend_queue_length", "Requests waiting for the model",
-                                  registry=registry)
-        self.running = Gauge("cacheblend_running_requests", "Requests being decoded",
-                             registry=registry)
+        self.ttft = Histogram(
+            "cacheblend_time_to_first_token_seconds",
+            "Arrival to first token, queue wait included",
+            ["method"],
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "cacheblend_request_latency_seconds",
+            "Arrival to last token (end to end)",
+            ["method"],
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "cacheblend_queue_wait_seconds",
+            "Time a request waited before its prefill started",
+            buckets=TIME_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "cacheblend_tokens",
+            "Tokens by kind: prompt, completion, "
+            "reused (KV from cache), recomputed, computed, missed (no entry)",
+            ["kind"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "cacheblend_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.cancelled = Counter(
+            "cacheblend_cancelled_requests",
+            "Requests whose client left before the end",
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "cacheblend_decode_batch_size",
+            "Requests per decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+        self.queue_length = Gauge(
+            "cacheblend_queue_length", "Requests waiting for the model", registry=registry
+        )
+        self.running = Gauge(
+            "cacheblend_running_requests", "Requests being decoded", registry=registry
+        )
         for kind in TOKEN_KINDS:
             self.tokens.labels(kind=kind)
         if store is not None:

@@ -12,15 +12,21 @@ from cacheblend.server.metrics import ServerMetrics
 OPEN_PATHS = ("/health",)
 
 
-async def _send_error(send, status: int, message: str, code: str,
-                      headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+async def _send_error(
+    send, status: int, message: str, code: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     body = json.dumps(error_body(status, message, code=code)).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()), *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -45,8 +51,11 @@ class RequestCounter:
             await send(message)
 
         path = scope.get("path", "")
-        endpoint = path if path in self.endpoints else (
-            "/v1/documents/{id}" if path.startswith("/v1/documents/") else "other")
+        endpoint = (
+            path
+            if path in self.endpoints
+            else ("/v1/documents/{id}" if path.startswith("/v1/documents/") else "other")
+        )
         try:
             await self.app(scope, receive, counting_send)
         finally:
@@ -67,8 +76,9 @@ class ApiKeyCheck:
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
             message = "invalid API key" if given else "missing API key: send Authorization: Bearer"
-            await _send_error(send, 401, message, "invalid_api_key",
-                              ((b"www-authenticate", b"Bearer"),))
+            await _send_error(
+                send, 401, message, "invalid_api_key", ((b"www-authenticate", b"Bearer"),)
+            )
             return
         await self.app(scope, receive, send)
 
@@ -122,5 +132,6 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
-        await _send_error(send, 413, f"request body exceeds {self.max_bytes} bytes",
-                          "body_too_large")
+        await _send_error(
+            send, 413, f"request body exceeds {self.max_bytes} bytes", "body_too_large"
+        )

@@ -115,7 +115,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] = Field(
-        description="one prompt: a string, a list of one string, or token ids")
+        description="one prompt: a string, a list of one string, or token ids"
+    )
     echo: bool = Field(False, description="not supported: only false")
     logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
     suffix: str | None = Field(None, max_length=0, description="not supported")

@@ -76,8 +76,14 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def respond(scheduler: Scheduler, job: Job, request: Request, stream: bool,
-                  body: Callable[[Any, float], dict], chunks: ChunkMaker) -> Response:
+async def respond(
+    scheduler: Scheduler,
+    job: Job,
+    request: Request,
+    stream: bool,
+    body: Callable[[Any, float], dict],
+    chunks: ChunkMaker,
+) -> Response:
     """The HTTP response for a generation job; ``body(result, queue_s)`` builds the JSON."""
     if not stream:
         try:
@@ -95,13 +101,16 @@ async def respond(scheduler: Scheduler, job: Job, request: Request, stream: bool
     if first[0] == "error":
         scheduler.cancel(job)
         raise as_api_error(first[1])
-    return StreamingResponse(_stream(scheduler, job, first, chunks),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        _stream(scheduler, job, first, chunks),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
-async def _stream(scheduler: Scheduler, job: Job, first: tuple[str, Any],
-                  chunks: ChunkMaker) -> AsyncIterator[str]:
+async def _stream(
+    scheduler: Scheduler, job: Job, first: tuple[str, Any], chunks: ChunkMaker
+) -> AsyncIterator[str]:
     try:
         for chunk in chunks.opening():
             yield _sse(chunk)
@@ -121,4 +130,3 @@ async def _stream(scheduler: Scheduler, job: Job, first: tuple[str, Any],
         yield "data: [DONE]\n\n"
     finally:
         scheduler.cancel(job)  # the client left mid-stream: free its work
-

@@ -77,8 +77,13 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch_size: int = 8, max_queue: int = 256,
-                 metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch_size: int = 8,
+        max_queue: int = 256,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -139,8 +144,9 @@ class Scheduler:
     def start(self) -> None:
         """Start the worker (idempotent; the first submit starts it too)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="cacheblend-scheduler",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._work, name="cacheblend-scheduler", daemon=True
+            )
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -193,8 +199,7 @@ class Scheduler:
             request = job.prepare()
             job.kv, logits, job.stats = self.engine.prefill(request)
             job.sampler = Sampler(request.sampling, self.engine.config.device)
-            job.stopper = StopChecker(self.engine.tokenizer, request.sampling,
-                                      self.engine.eos_ids)
+            job.stopper = StopChecker(self.engine.tokenizer, request.sampling, self.engine.eos_ids)
             token = job.sampler(logits)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its request
             job.finished = True
@@ -223,10 +228,11 @@ class Scheduler:
             self.metrics.batch_size.observe(len(batch))
         try:
             with self.engine.lock:
-                logits = decode_batch(self.engine.runner, [j.kv for j in batch],
-                                      [j.next_token for j in batch])  # (B, V)
+                logits = decode_batch(
+                    self.engine.runner, [j.kv for j in batch], [j.next_token for j in batch]
+                )  # (B, V)
                 tokens = [job.sampler(logits[row]) for row, job in enumerate(batch)]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("decode step failed for %d requests", len(batch))
             for job in batch:
                 job.finished = True
@@ -241,12 +247,14 @@ class Scheduler:
         stopper, stats = job.stopper, job.stats
         stats.decode_s = now - job.first_token
         stats.completion_tokens = len(stopper.tokens)
-        result = GenerateResult(stopper.text, stopper.tokens, stopper.finish_reason or "length",
-                                stats)
+        result = GenerateResult(
+            stopper.text, stopper.tokens, stopper.finish_reason or "length", stats
+        )
         queue_s = job.started - job.created
         if self.metrics is not None:
-            self.metrics.observe_request(stats.to_dict(), queue_s, job.first_token - job.created,
-                                         now - job.created)
+            self.metrics.observe_request(
+                stats.to_dict(), queue_s, job.first_token - job.created, now - job.created
+            )
         job.finished = True
         job.release()
         job.send("done", (result, queue_s))

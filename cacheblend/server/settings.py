@@ -37,12 +37,20 @@ class ServerSettings:
         if self.separator is not None and not self.separator:
             raise ConfigError("separator must not be empty")
         if self.default_method is not None and self.default_method not in METHODS:
-            raise ConfigError(f"default_method must be one of {', '.join(METHODS)}, "
-                              f"got {self.default_method!r}")
+            raise ConfigError(
+                f"default_method must be one of {', '.join(METHODS)}, got {self.default_method!r}"
+            )
         if self.default_ratio is not None and not 0.0 <= self.default_ratio <= 1.0:
             raise ConfigError(f"default_ratio must lie in [0, 1], got {self.default_ratio}")
-        for name in ("max_body_bytes", "max_document_chars", "max_documents_per_request",
-                     "max_stored_documents", "max_tokens_limit", "max_batch_size", "max_queue"):
+        for name in (
+            "max_body_bytes",
+            "max_document_chars",
+            "max_documents_per_request",
+            "max_stored_documents",
+            "max_tokens_limit",
+            "max_batch_size",
+            "max_queue",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:

@@ -10,11 +10,21 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from server_helpers import API_KEY, SEPARATOR, make_engine
 
 from cacheblend.engine import Engine
 from cacheblend.server.background import BackgroundServer
 from cacheblend.server.settings import ServerSettings
-from server_helpers import API_KEY, SEPARATOR, make_engine
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _restore_torch_threads():
+    """The server tests run engines with one thread; give the rest of the session its own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -38,9 +48,16 @@ def serve():
 def live(loaded_model, serve) -> BackgroundServer:
     """The shared server: API key on, separator mode on, small limits."""
     engine = make_engine(loaded_model)
-    return serve(engine, api_key=API_KEY, separator=SEPARATOR, max_tokens_limit=64,
-                 default_max_tokens=4, max_body_bytes=256 << 10, max_document_chars=16 << 10,
-                 max_documents_per_request=8)
+    return serve(
+        engine,
+        api_key=API_KEY,
+        separator=SEPARATOR,
+        max_tokens_limit=64,
+        default_max_tokens=4,
+        max_body_bytes=256 << 10,
+        max_document_chars=16 << 10,
+        max_documents_per_request=8,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +76,9 @@ def client(live):
 @pytest.fixture(scope="session")
 def http(live) -> Iterator[httpx.Client]:
     """A raw HTTP client with the key (for bad input the OpenAI client would refuse to send)."""
-    with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"},
-                      timeout=120) as client:
+    with httpx.Client(
+        base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+    ) as client:
         yield client
 
 

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import torch
+from server_helpers import make_engine
 
 from cacheblend.decode import SamplingParams
 from cacheblend.engine import GenerateRequest, decode_step
 from cacheblend.server.batching import decode_batch
-from server_helpers import make_engine
 
 
 def test_batched_decode_matches_one_at_a_time(loaded_model):
     engine = make_engine(loaded_model)
-    questions = ["What is the capital of Italy?", "Name three colours of the rainbow please.",
-                 "Hi"]  # different lengths: ragged caches
-    requests = [GenerateRequest(question=q, sampling=SamplingParams(max_tokens=8))
-                for q in questions]
-    alone, together = [], []
+    questions = [
+        "What is the capital of Italy?",
+        "Name three colours of the rainbow please.",
+        "Hi",
+    ]  # different lengths: ragged caches
+    requests = [
+        GenerateRequest(question=q, sampling=SamplingParams(max_tokens=8)) for q in questions
+    ]
+    alone = []
     for request in requests:
         kv, logits, _ = engine.prefill(request)
         tokens = [int(logits.argmax())]
@@ -34,8 +38,9 @@ def test_batched_decode_matches_one_at_a_time(loaded_model):
         for row, t in enumerate(tokens):
             t.append(int(logits[row].argmax()))
     assert tokens == alone
-    assert [kv.length for kv in caches] == [len(r.ids) + 5 for r in
-                                            (engine.segments_for(q) for q in requests)]
+    assert [kv.length for kv in caches] == [
+        len(r.ids) + 5 for r in (engine.segments_for(q) for q in requests)
+    ]
 
 
 def _copy(kv):

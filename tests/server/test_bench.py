@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from cacheblend.bench.serve import bench_batching, bench_serve, percentile
 from server_helpers import make_engine
+
+from cacheblend.bench.serve import bench_batching, bench_serve, percentile
 
 
 def test_bench_serve_tiny(loaded_model):
-    result = bench_serve(make_engine(loaded_model), docs=2, doc_tokens=24, pool=3, rates=[4.0],
-                         duration=1.5, max_tokens=2, drain=60)
+    result = bench_serve(
+        make_engine(loaded_model),
+        docs=2,
+        doc_tokens=24,
+        pool=3,
+        rates=[4.0],
+        duration=1.5,
+        max_tokens=2,
+        drain=60,
+    )
     assert set(result["results"]) == {"full", "blend"}
     for method in ("full", "blend"):
         run = result["results"][method]["4.0"]
@@ -18,8 +27,14 @@ def test_bench_serve_tiny(loaded_model):
 
 
 def test_bench_batching_tiny(loaded_model):
-    result = bench_batching(make_engine(loaded_model), clients=2, requests_each=1,
-                            max_tokens=2, batch_sizes=(1, 2), rounds=1)
+    result = bench_batching(
+        make_engine(loaded_model),
+        clients=2,
+        requests_each=1,
+        max_tokens=2,
+        batch_sizes=(1, 2),
+        rounds=1,
+    )
     assert set(result["results"]) == {"1", "2"}
     assert all(r["errors"] == 0 and r["tokens_per_s"] > 0 for r in result["results"].values())
 

@@ -32,19 +32,43 @@ def test_api_key_from_env_or_flag(monkeypatch):
 
 
 def test_flags_reach_settings():
-    settings = settings_from_args(parse(
-        "--host", "0.0.0.0", "--port", "9001", "--separator", " # # ", "--default-method",
-        "reuse", "--default-ratio", "0.3", "--max-body-bytes", "1000", "--max-batch-size", "1"))
+    settings = settings_from_args(
+        parse(
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9001",
+            "--separator",
+            " # # ",
+            "--default-method",
+            "reuse",
+            "--default-ratio",
+            "0.3",
+            "--max-body-bytes",
+            "1000",
+            "--max-batch-size",
+            "1",
+        )
+    )
     assert (settings.host, settings.port, settings.separator) == ("0.0.0.0", 9001, " # # ")
     assert (settings.default_method, settings.default_ratio) == ("reuse", 0.3)
     assert (settings.max_body_bytes, settings.max_batch_size) == (1000, 1)
     assert not settings.is_loopback
 
 
-@pytest.mark.parametrize("field, value", [
-    ("default_ratio", 1.5), ("default_method", "magic"), ("port", -1), ("api_key", " "),
-    ("separator", ""), ("max_body_bytes", 0), ("max_batch_size", 0), ("max_queue", 0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("default_ratio", 1.5),
+        ("default_method", "magic"),
+        ("port", -1),
+        ("api_key", " "),
+        ("separator", ""),
+        ("max_body_bytes", 0),
+        ("max_batch_size", 0),
+        ("max_queue", 0),
+    ],
+)
 def test_bad_settings_fail_at_start(field, value):
     with pytest.raises(ConfigError, match=field):
         ServerSettings(**{field: value})

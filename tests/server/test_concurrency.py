@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from server_helpers import DOCS, HEADERS, assert_error, make_engine
 
 PROMPTS = [
@@ -24,8 +23,12 @@ PROMPTS = [
 
 
 def ask(http, model, prompt, max_tokens=6, **extra):
-    body = {"model": model, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": prompt}], **extra}
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": prompt}],
+        **extra,
+    }
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
@@ -54,8 +57,12 @@ def wait_idle(live, timeout: float) -> float:
 def test_disconnect_mid_stream_frees_work(live, http, model_name):
     cancelled = live.app.state.metrics.cancelled
     before = cancelled._value.get()
-    body = {"model": model_name, "max_tokens": 64, "stream": True,
-            "messages": [{"role": "user", "content": "Write a very long story about a cat."}]}
+    body = {
+        "model": model_name,
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Write a very long story about a cat."}],
+    }
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         lines = (line for line in response.iter_lines() if line)
@@ -73,21 +80,28 @@ def test_disconnect_mid_stream_frees_work(live, http, model_name):
 def test_disconnect_while_waiting_frees_work(live, model_name):
     cancelled = live.app.state.metrics.cancelled
     before = cancelled._value.get()
-    body = {"model": model_name, "max_tokens": 64,
-            "messages": [{"role": "user", "content": "Write a very long story about a dog."}]}
-    with httpx.Client(base_url=live.url, timeout=0.5, headers=HEADERS) as impatient:
-        with pytest.raises(httpx.ReadTimeout):
-            impatient.post("/v1/chat/completions", json=body)
+    body = {
+        "model": model_name,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Write a very long story about a dog."}],
+    }
+    with (
+        httpx.Client(base_url=live.url, timeout=0.5, headers=HEADERS) as impatient,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        impatient.post("/v1/chat/completions", json=body)
     assert wait_idle(live, timeout=3.0) < 3.0
     assert cancelled._value.get() == before + 1
 
 
 def test_queue_full_and_cancel_while_queued(loaded_model, serve, model_name):
-    server = serve(make_engine(loaded_model), max_batch_size=1, max_queue=1,
-                   max_tokens_limit=64)
+    server = serve(make_engine(loaded_model), max_batch_size=1, max_queue=1, max_tokens_limit=64)
     scheduler = server.app.state.scheduler
-    body = {"model": model_name, "max_tokens": 64,
-            "messages": [{"role": "user", "content": "Write a very long story about a fox."}]}
+    body = {
+        "model": model_name,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Write a very long story about a fox."}],
+    }
     with httpx.Client(base_url=server.url, timeout=60) as client:
         stream = client.stream("POST", "/v1/chat/completions", json={**body, "stream": True})
         running = stream.__enter__()  # runs: the one batch slot is taken
@@ -135,16 +149,22 @@ def test_load_16_clients(live, model_name):
     lock = threading.Lock()
 
     def one(client: httpx.Client, rng: random.Random) -> None:
-        body = {"model": model_name, "max_tokens": rng.choice([2, 3, 4]),
-                "messages": [{"role": "user", "content": f"Say {rng.choice(words)}."}]}
+        body = {
+            "model": model_name,
+            "max_tokens": rng.choice([2, 3, 4]),
+            "messages": [{"role": "user", "content": f"Say {rng.choice(words)}."}],
+        }
         if rng.random() < 0.3:
             body["documents"] = rng.sample(DOCS, 2)
         if rng.random() < 0.5:
             body["stream"] = True
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 lines = [line for line in response.iter_lines() if line]
-                ok = response.status_code == 200 and lines[-1] == "data: [DONE]" and not any(
-                    '"error"' in line for line in lines)
+                ok = (
+                    response.status_code == 200
+                    and lines[-1] == "data: [DONE]"
+                    and not any('"error"' in line for line in lines)
+                )
         else:
             response = client.post("/v1/chat/completions", json=body)
             ok = response.status_code == 200 and response.json()["choices"][0]["finish_reason"]
@@ -169,8 +189,9 @@ def test_load_16_clients(live, model_name):
 
     def run(seconds: float, count: int | None, seed: int) -> None:
         until = time.monotonic() + seconds
-        threads = [threading.Thread(target=worker, args=(seed + i, until, count))
-                   for i in range(clients)]
+        threads = [
+            threading.Thread(target=worker, args=(seed + i, until, count)) for i in range(clients)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -188,6 +209,8 @@ def test_load_16_clients(live, model_name):
     assert served >= 2 * clients, served
     growth = end_rss - warm_rss
     assert growth < max(96 << 20, warm_rss // 10), (warm_rss >> 20, end_rss >> 20)
-    print(f"load: {served} requests in {elapsed:.1f}s ({served / elapsed:.2f}/s), "
-          f"RSS {warm_rss >> 20} -> {end_rss >> 20} MiB")
+    print(
+        f"load: {served} requests in {elapsed:.1f}s ({served / elapsed:.2f}/s), "
+        f"RSS {warm_rss >> 20} -> {end_rss >> 20} MiB"
+    )
     assert wait_idle(live, timeout=5.0) < 5.0

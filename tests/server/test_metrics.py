@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
-
 from server_helpers import DOCS
 
 
@@ -24,8 +23,12 @@ def value(samples, name, **labels) -> float:
 
 def test_metrics_follow_requests(http, model_name):
     before = scrape(http)
-    body = {"model": model_name, "max_tokens": 2, "documents": DOCS[:2],
-            "messages": [{"role": "user", "content": "What is Zorblat famous for?"}]}
+    body = {
+        "model": model_name,
+        "max_tokens": 2,
+        "documents": DOCS[:2],
+        "messages": [{"role": "user", "content": "What is Zorblat famous for?"}],
+    }
     stats = [http.post("/v1/chat/completions", json=body).json()["cacheblend"] for _ in range(2)]
     assert http.post("/v1/chat/completions", json={"model": "nope"}).status_code == 400
     after = scrape(http)

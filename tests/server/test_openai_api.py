@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import openai
 import pytest
-
 from server_helpers import DOCS, SEPARATOR
 
 QUESTION = "Who is the mayor of Zorblat?"
@@ -12,8 +11,11 @@ QUESTION = "Who is the mayor of Zorblat?"
 
 def chat(client, model, content=QUESTION, max_tokens=4, **kwargs):
     return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
-        **kwargs)
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        **kwargs,
+    )
 
 
 def test_models(client, model_name):
@@ -40,8 +42,15 @@ def test_chat_completion(client, model_name):
 
 def test_chat_stream_matches_non_stream(client, model_name):
     whole = chat(client, model_name, "Name a colour.")
-    chunks = list(chat(client, model_name, "Name a colour.", stream=True,
-                       stream_options={"include_usage": True}))
+    chunks = list(
+        chat(
+            client,
+            model_name,
+            "Name a colour.",
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content  # greedy: the same tokens
@@ -54,8 +63,9 @@ def test_completion_and_stream(client, model_name):
     whole = client.completions.create(model=model_name, prompt="The sky is", max_tokens=4)
     assert whole.object == "text_completion" and whole.choices[0].text
     assert whole.model_extra["cacheblend"]["chunk_tokens"] == 0
-    parts = list(client.completions.create(model=model_name, prompt="The sky is", max_tokens=4,
-                                           stream=True))
+    parts = list(
+        client.completions.create(model=model_name, prompt="The sky is", max_tokens=4, stream=True)
+    )
     assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
     assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     ids = client.completions.create(model=model_name, prompt=[504, 6660, 314], max_tokens=2)
@@ -66,28 +76,35 @@ def test_documents_in_chat_are_reused(client, model_name):
     extra = {"documents": DOCS, "cacheblend": {"method": "blend", "ratio": 0.2}}
     first = chat(client, model_name, extra_body=extra).model_extra["cacheblend"]
     assert first["requested_method"] == "blend" and first["chunk_tokens"] > 30
-    again = chat(client, model_name, "Where does the Ambel flow?",
-                 extra_body={"documents": DOCS[::-1]}).model_extra["cacheblend"]
+    again = chat(
+        client, model_name, "Where does the Ambel flow?", extra_body={"documents": DOCS[::-1]}
+    ).model_extra["cacheblend"]
     assert again["missed_tokens"] == 0  # every document's KV came from the store
     assert again["method"] == "blend" and again["reused_tokens"] > again["computed_tokens"]
     ratio = chat(client, model_name, extra_body=extra).model_extra["cacheblend"]
     assert ratio["method"] == "blend" and ratio["ratio"] == pytest.approx(0.2)
-    full = chat(client, model_name, extra_body={"documents": DOCS, "cacheblend": {
-        "method": "full"}}).model_extra["cacheblend"]
+    full = chat(
+        client, model_name, extra_body={"documents": DOCS, "cacheblend": {"method": "full"}}
+    ).model_extra["cacheblend"]
     assert full["method"] == "full" and full["computed_tokens"] == full["prompt_tokens"]
 
 
 def test_documents_mixed_forms_in_completion(client, model_name):
     response = client.completions.create(
-        model=model_name, prompt=QUESTION, max_tokens=2,
-        extra_body={"documents": [DOCS[0], {"id": "inline-1", "text": DOCS[2]}]})
+        model=model_name,
+        prompt=QUESTION,
+        max_tokens=2,
+        extra_body={"documents": [DOCS[0], {"id": "inline-1", "text": DOCS[2]}]},
+    )
     assert response.model_extra["cacheblend"]["chunk_tokens"] > 20
 
 
 def test_upload_reference_delete(client, http, model_name):
     text = "Qarth's oldest bridge, the Vell Span, was built of black basalt in 1402."
-    upload = http.post("/v1/documents", json={"documents": [text, {"id": "bridge-2", "text":
-                                                                   text + " It has 9 arches."}]})
+    upload = http.post(
+        "/v1/documents",
+        json={"documents": [text, {"id": "bridge-2", "text": text + " It has 9 arches."}]},
+    )
     assert upload.status_code == 200, upload.text
     data = upload.json()["data"]
     assert [d["num_tokens"] > 10 for d in data] == [True, True]
@@ -96,14 +113,22 @@ def test_upload_reference_delete(client, http, model_name):
     again = http.post("/v1/documents", json={"documents": [text]}).json()["data"][0]
     assert again == {**data[0], "cached": True}  # content-derived id, KV already stored
 
-    response = chat(client, model_name, "When was the Vell Span built?",
-                    extra_body={"documents": [{"id": auto_id}, {"id": "bridge-2"}]})
+    response = chat(
+        client,
+        model_name,
+        "When was the Vell Span built?",
+        extra_body={"documents": [{"id": auto_id}, {"id": "bridge-2"}]},
+    )
     stats = response.model_extra["cacheblend"]
     assert stats["missed_tokens"] == 0 and stats["chunk_tokens"] == sum(
-        d["num_tokens"] for d in data)
+        d["num_tokens"] for d in data
+    )
 
     assert http.delete("/v1/documents/bridge-2").json() == {
-        "id": "bridge-2", "object": "document", "deleted": True}
+        "id": "bridge-2",
+        "object": "document",
+        "deleted": True,
+    }
     assert http.delete("/v1/documents/bridge-2").status_code == 404
     with pytest.raises(openai.NotFoundError, match="bridge-2"):
         chat(client, model_name, extra_body={"documents": [{"id": "bridge-2"}]})

@@ -13,9 +13,9 @@ import uuid
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from server_helpers import API_KEY, DOCS, HEADERS
 
 from cacheblend.store.valkey_server import free_port
-from server_helpers import API_KEY, DOCS, HEADERS
 
 
 class Replica:
@@ -24,9 +24,21 @@ class Replica:
     def __init__(self, store: str, key_in_env: bool) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="cacheblend-serve-", suffix=".log")
-        args = [sys.executable, "-m", "cacheblend.cli", "serve", "--port", str(self.port),
-                "--store", store, "--threads", "1", "--max-tokens-limit", "8"]
+        self.log = tempfile.NamedTemporaryFile(prefix="cacheblend-serve-")  # noqa: SIM115 - stop()
+        args = [
+            sys.executable,
+            "-m",
+            "cacheblend.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--store",
+            store,
+            "--threads",
+            "1",
+            "--max-tokens-limit",
+            "8",
+        ]
         env = {k: v for k, v in os.environ.items() if k != "CACHEBLEND_API_KEY"}
         if key_in_env:
             env["CACHEBLEND_API_KEY"] = API_KEY
@@ -81,8 +93,10 @@ def redis_hits(client: httpx.Client) -> float:
 
 def test_document_uploaded_to_one_replica_hits_on_the_other(replicas):
     first, second = replicas
-    with httpx.Client(base_url=first.url, headers=HEADERS, timeout=120) as a, \
-            httpx.Client(base_url=second.url, headers=HEADERS, timeout=120) as b:
+    with (
+        httpx.Client(base_url=first.url, headers=HEADERS, timeout=120) as a,
+        httpx.Client(base_url=second.url, headers=HEADERS, timeout=120) as b,
+    ):
         assert httpx.get(f"{second.url}/v1/models", timeout=10).status_code == 401  # key on
         model = a.get("/v1/models").json()["data"][0]["id"]
         upload = a.post("/v1/documents", json={"documents": DOCS[:2]})
@@ -91,8 +105,12 @@ def test_document_uploaded_to_one_replica_hits_on_the_other(replicas):
         assert not any(d["cached"] for d in upload.json()["data"])
 
         hits_before = redis_hits(b)
-        body = {"model": model, "max_tokens": 2, "documents": [{"id": i} for i in ids],
-                "messages": [{"role": "user", "content": "What is Zorblat famous for?"}]}
+        body = {
+            "model": model,
+            "max_tokens": 2,
+            "documents": [{"id": i} for i in ids],
+            "messages": [{"role": "user", "content": "What is Zorblat famous for?"}],
+        }
         response = b.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
         stats = response.json()["cacheblend"]
