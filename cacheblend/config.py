@@ -79,11 +79,14 @@ class EngineConfig:
     system_prompt: str = "You are a helpful assistant. Answer using the documents."
     instruction: str = "Read the documents below and answer the question."
     max_new_tokens: int = 64
+    loading: str = "bulk"  # bulk | layer | prefetch: see cacheblend.blend.loader
     blend: BlendConfig = field(default_factory=BlendConfig)
 
     def __post_init__(self) -> None:
         if self.store_codec not in ("fp32", "fp16", "int8"):
             raise ConfigError(f"store_codec must be fp32, fp16 or int8, got {self.store_codec!r}")
+        if self.loading not in ("bulk", "layer", "prefetch"):
+            raise ConfigError(f"loading must be bulk, layer or prefetch, got {self.loading!r}")
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
         if self.threads is not None and self.threads < 1:

@@ -113,7 +113,7 @@ class Engine:
         self.loaded = loaded or load_model(self.config.model, self.config.device)
         self.tokenizer = self.loaded.tokenizer
         self.runner = self.loaded.runner()
-        self.fusor = Fusor(self.runner)
+        self.fusor = Fusor(self.runner, self.config.loading)
         self.controller = LoadingController(self.runner.num_layers, self.config.blend.min_ratio)
         self.prompts = PromptBuilder(self.tokenizer)
         self.fingerprint = self.loaded.fingerprint

@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
     ttft.add_argument("--chunk-tokens", type=int, default=512)
     ttft.add_argument("--ratio", type=float, default=0.15)
     ttft.add_argument("--repeats", type=int, default=3)
-    ttft.add_argument("--prefetch", action="store_true", help="load layer i+1 during layer i")
+    ttft.add_argument("--loading", choices=("bulk", "layer", "prefetch"), default=None,
+                      help="how cached rows are loaded (default: config, bulk)")
     ttft.add_argument("--json", action="store_true")
     add_engine_args(ttft)
     ttft.set_defaults(handler=run_ttft)
@@ -91,10 +92,11 @@ def run_ttft(args: argparse.Namespace) -> int:
     with _store_url(args.store) as url:
         args.store = url
         engine = Engine(engine_config(args))
-        engine.fusor.prefetch = args.prefetch
+        if args.loading:
+            engine.fusor.loading = args.loading
         result = bench_ttft(engine, args.chunks, args.chunk_tokens, args.ratio, args.repeats)
         result["store"] = url.split(":")[0]
-        result["prefetch"] = args.prefetch
+        result["loading"] = engine.fusor.loading
         engine.store.close()
     _print(result, args.json)
     return 0

@@ -70,9 +70,9 @@ def _in_chunks(positions: torch.Tensor, spans: list[tuple[int, int]]) -> torch.T
 
 
 class Fusor:
-    def __init__(self, runner: ModelRunner, prefetch: bool = False) -> None:
+    def __init__(self, runner: ModelRunner, loading: str = "bulk") -> None:
         self.runner = runner
-        self.prefetch = prefetch
+        self.loading = loading  # see cacheblend.blend.loader.LOADING_MODES
 
     @torch.inference_mode()
     def run(self, plan: FusionPlan, kv: RequestKV) -> FusionResult:
@@ -82,7 +82,7 @@ class Fusor:
         positions = plan.active.to(kv.keys.device)
         hidden = runner.embed(plan.ids.to(kv.keys.device)[positions])  # (n, D)
         checks = dict(plan.checks)
-        loader = LayerLoader(plan.cached, rope, kv, prefetch=self.prefetch)
+        loader = LayerLoader(plan.cached, rope, kv, mode=self.loading)
         cached_rows = torch.zeros(total, dtype=torch.bool)
         for span in plan.cached:
             cached_rows[span.start : span.end] = True

@@ -1,8 +1,11 @@
-"""Layer-wise loading of cached rows into the request's KV, optionally one layer ahead.
+"""Loading cached rows into the request's KV: every cached span's (pre-RoPE K, V) is converted
+to fp32, its keys rotated to the span's prompt positions, and written into the request KV.
 
-For layer i, every cached span's (pre-RoPE K, V) is read from its source, converted to fp32,
-rotated to the span's prompt positions and written into the request KV. With ``prefetch`` a
-background thread does layer i+1 while the caller computes layer i.
+Modes (``LOADING_MODES``), measured in docs/benchmarks.md:
+- ``layer``: layer i is loaded when the fusor reaches it;
+- ``prefetch``: as ``layer``, and a background thread loads layer i+1 while layer i computes;
+- ``bulk``: every layer of a span in one vectorised step before layer 0 (few large ops instead
+  of layers x spans small ones, which matters on a CPU where each op pays a threading cost).
 """
 
 from __future__ import annotations
@@ -35,29 +38,56 @@ class CachedSpan:
         return self.start + self.source.num_tokens
 
 
+LOADING_MODES = ("bulk", "layer", "prefetch")
+
+
 class LayerLoader:
     _executor: ThreadPoolExecutor | None = None  # shared by all requests; one thread
 
     def __init__(self, spans: list[CachedSpan], rope: RopeTable, kv: RequestKV,
-                 prefetch: bool = False) -> None:
+                 mode: str = "bulk") -> None:
+        assert mode in LOADING_MODES, mode
         self.spans = spans
         self.rope = rope
         self.kv = kv
-        self.prefetch = prefetch and bool(spans)
+        self.mode = mode
+        self.prefetch = mode == "prefetch" and bool(spans)
         self._pending: dict[int, Future] = {}
-        self.seconds = 0.0
+        self._bulk_done = False
+
+    def _fill_all(self) -> None:
+        device = self.kv.keys.device
+        for span in self.spans:
+            keys = getattr(span.source, "keys", None)
+            if keys is None:  # a lazily decoded source: layer by layer
+                for index in range(self.kv.keys.shape[0]):
+                    self._fill_span(span, index)
+                continue
+            keys = keys.to(device=device, dtype=torch.float32)  # (L, KV, n, hd)
+            positions = slice(span.start, span.end)
+            self.kv.keys[:, :, positions] = self.rope.apply_range(keys, span.start)
+            self.kv.values[:, :, positions] = span.source.values.to(device, torch.float32)
+
+    def _fill_span(self, span: CachedSpan, index: int) -> None:
+        k, v = span.source.layer(index)  # (KV, n, hd) each
+        device = self.kv.keys.device
+        k = k.to(device=device, dtype=torch.float32)
+        self.kv.keys[index, :, span.start : span.end] = self.rope.apply_range(k, span.start)
+        self.kv.values[index, :, span.start : span.end] = v.to(device, torch.float32)
 
     def _fill(self, index: int) -> None:
-        for span in self.spans:
-            k, v = span.source.layer(index)  # (KV, n, hd) each
-            device = self.kv.keys.device
-            k = k.to(device=device, dtype=torch.float32)
-            self.kv.keys[index, :, span.start : span.end] = self.rope.apply_range(k, span.start)
-            self.kv.values[index, :, span.start : span.end] = v.to(device, torch.float32)
+        with torch.inference_mode():  # thread-local: the prefetch thread needs it too
+            for span in self.spans:
+                self._fill_span(span, index)
 
     def load(self, index: int, num_layers: int) -> None:
         """Make layer ``index`` of every cached span present in the request KV."""
         if not self.spans:
+            return
+        if self.mode == "bulk":
+            if not self._bulk_done:
+                self._fill_all()
+                self._bulk_done = True
             return
         future = self._pending.pop(index, None)
         if future is not None:

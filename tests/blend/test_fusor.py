@@ -164,3 +164,16 @@ def test_controller_blends_when_most_chunks_hit(engine_factory):
     _, _, stats = engine.prefill(request("blend"))
     assert stats.method == "blend"
     assert stats.missed_tokens == len(engine.segments_for(request("blend")).chunks[2])
+
+
+def test_loading_modes_give_identical_results(engine_factory):
+    engine = engine_factory()
+    engine.ingest(DOCS, progress=False)
+    results = {}
+    for mode in ("bulk", "layer", "prefetch"):
+        engine.fusor.loading = mode
+        results[mode] = engine.prefill(request("blend"))[1]
+    engine.fusor.loading = "bulk"
+    # The same arithmetic on differently shaped tensors: equal up to fp32 rounding.
+    assert torch.equal(results["layer"], results["prefetch"])
+    assert (results["bulk"] - results["layer"]).abs().max().item() <= 1e-4
