@@ -21,8 +21,8 @@ def bench_prefill(loaded, lengths=LENGTHS, repeats: int = 3) -> dict:
         ids = torch.randint(0, runner.vocab_size, (length,), generator=generator)
         with torch.inference_mode():
             medians = interleaved_medians({
-                "engine": lambda: runner.prefill(ids),
-                "hf": lambda: model(ids[None], logits_to_keep=1),
+                "engine": lambda ids=ids: runner.prefill(ids),
+                "hf": lambda ids=ids: model(ids[None], logits_to_keep=1),
             }, repeats=repeats)
         out["lengths"].append(length)
         out["engine_tok_s"].append(round(length / medians["engine"], 1))

