@@ -30,7 +30,7 @@ class BlendConfig:
     deviation: str = "k"
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     epic_k: int = 16
-    precompute: str = "prefix"
+    precompute: str = "preamble"  # measured best for blend: docs/benchmarks.md
     preamble: str = "Document:\n"
     min_ratio: float = 0.0
     fallback: bool = True  # full prefill when too many chunk tokens miss for blend to pay

@@ -99,38 +99,45 @@ def _summary(results: list[dict], elapsed: float) -> dict:
     }
 
 
-async def _poisson_run(
+def poisson_requests(
+    rate: float, duration: float, ids: list[str], docs: int, seed: str
+) -> list[tuple[float, list[str], str]]:
+    """(arrival time, document ids, question) of each request: a Poisson process at ``rate``
+    over ``duration`` seconds. The same seed gives the same requests to every method."""
+    rng = random.Random(seed)
+    requests, at = [], rng.expovariate(rate)
+    while at < duration:
+        requests.append((at, rng.sample(ids, docs), rng.choice(QUESTIONS)[0]))
+        at += rng.expovariate(rate)
+    return requests
+
+
+async def _run_arrivals(
     url: str,
     model: str,
     method: str,
-    rate: float,
-    duration: float,
-    ids: list[str],
-    docs: int,
+    requests: list[tuple[float, list[str], str]],
     max_tokens: int,
-    rng: random.Random,
     drain: float,
 ) -> dict:
+    """Send each request at its arrival time; wait for all (up to ``drain`` s after the last)."""
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    async with httpx.AsyncClient(base_url=url, timeout=drain + duration, limits=limits) as client:
+    last = requests[-1][0] if requests else 0.0
+    async with httpx.AsyncClient(base_url=url, timeout=drain + last, limits=limits) as client:
         tasks, start = [], time.perf_counter()
-        at = rng.expovariate(rate)
-        while at < duration:
+        for at, doc_ids, question in requests:
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             body = {
                 "model": model,
                 "max_tokens": max_tokens,
-                "messages": [{"role": "user", "content": rng.choice(QUESTIONS)[0]}],
-                "documents": [{"id": i} for i in rng.sample(ids, docs)],
+                "messages": [{"role": "user", "content": question}],
+                "documents": [{"id": i} for i in doc_ids],
                 "cacheblend": {"method": method},
             }
             tasks.append(asyncio.ensure_future(_chat(client, body)))
-            at += rng.expovariate(rate)
         if not tasks:
-            return _summary([], duration)
-        done, pending = await asyncio.wait(
-            tasks, timeout=drain + max(0.0, start + duration - time.perf_counter())
-        )
+            return _summary([], last)
+        done, pending = await asyncio.wait(tasks, timeout=drain)
         for task in pending:
             task.cancel()
         results = [
@@ -186,18 +193,15 @@ def bench_serve(
             out["doc_tokens_actual"] = statistics.mean(
                 d["num_tokens"] for d in upload.json()["data"]
             )
-        rng = random.Random(seed)
-        for method in methods:  # one warm-up request per method (not timed)
-            asyncio.run(
-                _poisson_run(server.url, model, method, 1e9, 1e-9, ids, docs, 1, rng, drain)
-            )
+        for method in methods:  # one request per method first, not timed
+            warm = [(0.0, ids[:docs], QUESTIONS[0][0])]
+            asyncio.run(_run_arrivals(server.url, model, method, warm, 1, drain))
         for method in methods:
             out["results"][method] = {}
             for rate in rates:
+                requests = poisson_requests(rate, duration, ids, docs, f"{seed}-{rate}")
                 summary = asyncio.run(
-                    _poisson_run(
-                        server.url, model, method, rate, duration, ids, docs, max_tokens, rng, drain
-                    )
+                    _run_arrivals(server.url, model, method, requests, max_tokens, drain)
                 )
                 out["results"][method][str(rate)] = summary
     return out

@@ -55,18 +55,20 @@ class LayerLoader:
         self._pending: dict[int, Future] = {}
         self._bulk_done = False
 
-    def _fill_all(self) -> None:
+    def _fill_from(self, first: int) -> None:
+        """Layers ``first``.. of every span (earlier layers may already hold fresh rows)."""
         device = self.kv.keys.device
         for span in self.spans:
             keys = getattr(span.source, "keys", None)
             if keys is None:  # a lazily decoded source: layer by layer
-                for index in range(self.kv.keys.shape[0]):
+                for index in range(first, self.kv.keys.shape[0]):
                     self._fill_span(span, index)
                 continue
-            keys = keys.to(device=device, dtype=torch.float32)  # (L, KV, n, hd)
+            keys = keys[first:].to(device=device, dtype=torch.float32)  # (L', KV, n, hd)
             positions = slice(span.start, span.end)
-            self.kv.keys[:, :, positions] = self.rope.apply_range(keys, span.start)
-            self.kv.values[:, :, positions] = span.source.values.to(device, torch.float32)
+            self.kv.keys[first:, :, positions] = self.rope.apply_range(keys, span.start)
+            self.kv.values[first:, :, positions] = span.source.values[first:].to(device,
+                                                                                 torch.float32)
 
     def _fill_span(self, span: CachedSpan, index: int) -> None:
         k, v = span.source.layer(index)  # (KV, n, hd) each
@@ -86,7 +88,7 @@ class LayerLoader:
             return
         if self.mode == "bulk":
             if not self._bulk_done:
-                self._fill_all()
+                self._fill_from(index)
                 self._bulk_done = True
             return
         future = self._pending.pop(index, None)

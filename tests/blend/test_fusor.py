@@ -177,3 +177,23 @@ def test_loading_modes_give_identical_results(engine_factory):
     # The same arithmetic on differently shaped tensors: equal up to fp32 rounding.
     assert torch.equal(results["layer"], results["prefetch"])
     assert (results["bulk"] - results["layer"]).abs().max().item() <= 1e-4
+
+
+def test_blend_without_prefix_keeps_fresh_early_layers(engine_factory):
+    """With no prefix every cached row is recomputed up to the check layer, so loading starts
+    there; the fresh rows of earlier layers must survive it (decode reads them). Layer-0 K/V
+    depend on the token alone, so a check layer of 2 is what exposes an overwrite."""
+    from cacheblend.prompt import Segments
+
+    engine = engine_factory(store_codec="fp32", blend={"check_layers": (2,)})
+    full_segments = engine.segments_for(request("full"))
+    segments = Segments((), full_segments.chunks, full_segments.suffix)
+    bare = GenerateRequest(segments=segments, method="blend", ratio=1.0)
+    engine.prefill(bare)  # stores the chunks
+    blend_kv, blend_logits, stats = engine.prefill(bare)
+    assert stats.missed_tokens == 0
+    full_kv, full_logits, _ = engine.prefill(GenerateRequest(segments=segments, method="full"))
+    n = full_kv.length
+    assert (blend_logits - full_logits).abs().max().item() <= 1e-4
+    assert (blend_kv.keys[:, :, :n] - full_kv.keys[:, :, :n]).abs().max().item() <= 1e-4
+    assert (blend_kv.values[:, :, :n] - full_kv.values[:, :, :n]).abs().max().item() <= 1e-4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from server_helpers import make_engine
 
-from cacheblend.bench.serve import bench_batching, bench_serve, percentile
+from cacheblend.bench.serve import bench_batching, bench_serve, percentile, poisson_requests
 
 
 def test_bench_serve_tiny(loaded_model):
@@ -43,3 +43,13 @@ def test_percentile():
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile(list(range(101)), 99) == 99
+
+
+def test_poisson_requests_are_the_same_for_every_method():
+    ids = [f"d{i}" for i in range(10)]
+    first = poisson_requests(2.0, 30.0, ids, 3, "0-2.0")
+    assert first == poisson_requests(2.0, 30.0, ids, 3, "0-2.0")
+    assert 30 <= len(first) <= 90  # about rate x duration
+    assert all(len(set(doc_ids)) == 3 for _, doc_ids, _ in first)
+    times = [at for at, _, _ in first]
+    assert times == sorted(times) and times[-1] < 30.0
