@@ -44,7 +44,6 @@ def test_metrics_follow_requests(http, model_name):
     for kind in ("reused", "recomputed", "missed", "computed", "prompt", "completion"):
         want = sum(s[f"{kind}_tokens"] for s in stats)
         assert delta("cacheblend_tokens_total", kind=kind) == want, kind
-    assert stats[1]["missed_tokens"] == 0
     assert delta("cacheblend_requests_total", endpoint="/v1/chat/completions", status="200") == 2
     assert delta("cacheblend_requests_total", endpoint="/v1/chat/completions", status="400") == 1
     assert delta("cacheblend_store_hits_total", tier="memory") > 0
