@@ -192,7 +192,14 @@ class Engine:
                 if not cached:
                     self._precompute(preamble, chunk, blend)
                 results.append(IngestResult(key=key, num_tokens=len(chunk), cached=cached))
+            self.ensure_prefix(self.default_prefix())
         return results
+
+    def ensure_prefix(self, prefix: tuple[int, ...]) -> None:
+        """Store the exact KV of ``prefix`` unless it is stored already."""
+        if prefix and self.store.get(prefix_key(self.fingerprint, (), prefix)) is None:
+            with self.lock, torch.inference_mode():
+                self._compute_prefix(prefix)
 
     # --- plans --------------------------------------------------------------------------------
 
@@ -240,7 +247,8 @@ class Engine:
         return lookup.spans, lookup, decision
 
     def _store_deferred(self, segments: Segments, lookup: _Lookup, blend: BlendConfig) -> None:
-        """Precompute and store the chunks a fallback request missed (after its answer)."""
+        """Precompute and store what a fallback request missed (after its answer)."""
+        self.ensure_prefix(segments.prefix)
         preamble = self.preamble_for(segments.prefix, blend)
         for index, _ in lookup.deferred:
             self._precompute(preamble, segments.chunks[index], blend)

@@ -18,8 +18,7 @@ from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from cacheblend.decode import SamplingParams
-from cacheblend.engine import Engine, GenerateRequest
+from cacheblend.engine import Engine
 from cacheblend.server import convert
 from cacheblend.server.documents import (
     DocumentRegistry,
@@ -50,7 +49,7 @@ from cacheblend.server.protocol import (
 from cacheblend.server.responses import ClientGone, collect, respond
 from cacheblend.server.scheduler import Job, QueueFullError, Scheduler, SchedulerStopped
 from cacheblend.server.settings import ServerSettings
-from cacheblend.store.keys import chunk_key, prefix_key
+from cacheblend.store.keys import chunk_key
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
 ENDPOINTS = {
@@ -248,7 +247,6 @@ def create_app(
             submit(lambda text=text: engine.ingest([text], progress=False)[0], True)
             for _, text in items
         ]
-        jobs.append(submit(lambda: _store_default_prefix(engine), True))
         data = []
         for (doc_id, text), job in zip(items, jobs):
             result = await _wait(job)
@@ -324,16 +322,6 @@ def _too_long(engine: Engine, items: list[tuple[str, str]]) -> tuple[int, int] |
         if len(preamble) + tokens >= engine.runner.max_positions:
             return index, tokens
     return None
-
-
-def _store_default_prefix(engine: Engine) -> None:
-    """Make sure the default prefix (system + instruction) is stored too, so the first request
-    naming uploaded documents misses nothing. ``Engine.ingest`` stores it only when chunks are
-    precomputed after the prefix (precompute "prefix"); a short prefill stores it otherwise."""
-    prefix = engine.default_prefix()
-    if not prefix or engine.store.contains(prefix_key(engine.fingerprint, (), prefix)):
-        return
-    engine.prefill(GenerateRequest(question="", sampling=SamplingParams(max_tokens=1)))
 
 
 def _key(engine: Engine, text: str) -> str:
