@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from server_helpers import API_KEY, SEPARATOR, make_engine
+from tests.server.server_helpers import API_KEY, SEPARATOR, make_engine
 
 from cacheblend.engine import Engine
 from cacheblend.server.background import BackgroundServer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from server_helpers import make_engine
+from tests.server.server_helpers import make_engine
 
 from cacheblend.decode import SamplingParams
 from cacheblend.engine import GenerateRequest, decode_step

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server_helpers import make_engine
+from tests.server.server_helpers import make_engine
 
 from cacheblend.bench.serve import bench_batching, bench_serve, percentile, poisson_requests
 

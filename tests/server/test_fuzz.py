@@ -11,7 +11,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_helpers import API_KEY, HEADERS, make_engine
+from tests.server.server_helpers import API_KEY, HEADERS, make_engine
 
 from cacheblend.config import METHODS
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import DOCS
+from tests.server.server_helpers import DOCS
 
 
 def scrape(http) -> dict[tuple[str, tuple], float]:

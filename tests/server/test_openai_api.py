@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from server_helpers import DOCS, SEPARATOR
+from tests.server.server_helpers import DOCS, SEPARATOR
 
 QUESTION = "Who is the mayor of Zorblat?"
 

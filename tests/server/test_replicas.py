@@ -13,7 +13,7 @@ import uuid
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import API_KEY, DOCS, HEADERS
+from tests.server.server_helpers import API_KEY, DOCS, HEADERS
 
 from cacheblend.store.valkey_server import free_port
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_helpers import assert_error, make_engine
+from tests.server.server_helpers import assert_error, make_engine
 
 import cacheblend.server.scheduler as scheduler_module
 

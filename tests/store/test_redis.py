@@ -9,7 +9,7 @@ import time
 
 import pytest
 import redis
-from test_disk import exercise_store, writer_entry
+from tests.store.test_disk import exercise_store, writer_entry
 
 from cacheblend.store.codec import encode
 from cacheblend.store.redis_store import RedisStore
