@@ -115,8 +115,11 @@ class Fusor:
                     # Only the last position's output is read.
                     hidden, q, positions = hidden[-1:], q[:, -1:], positions[-1:]
                 q = rope.apply(q, positions)
-                if positions.shape[0] == total:  # every position in order: plain causal
+                n = positions.shape[0]
+                if n == total:  # every position in order: plain causal
                     attn = runner.attend(q, layer_keys, layer_values, causal=True)
+                elif n > 1 and int(positions[0]) == total - n:  # a contiguous tail
+                    attn = runner.attend_tail(q, layer_keys, layer_values)
                 else:  # exact causal mask: query at p sees keys at positions <= p
                     attn = runner.attend_at(q, layer_keys, layer_values, positions)
                 hidden = runner.finish_layer(index, hidden, attn)

@@ -99,3 +99,12 @@ def test_real_model_matches_transformers(loaded_model, runner, length):
         expected = loaded_model.model(ids[None], logits_to_keep=32).logits[0]
         got, _ = runner.prefill(ids, num_logits=32)
     assert (expected - got).abs().max().item() <= 1e-4
+
+
+def test_tail_attention_equals_masked_attention(runner):
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 200, 64), torch.randn(3, 200, 64)
+    q = torch.randn(9, 70, 64)
+    positions = torch.arange(130, 200)
+    expected = runner.attend_at(q, keys, values, positions)
+    assert (runner.attend_tail(q, keys, values) - expected).abs().max().item() <= 1e-5
