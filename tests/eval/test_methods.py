@@ -49,7 +49,8 @@ def test_precompute_modes_and_labels():
     spec = parse_method("reuse/sink")
     assert (spec.label, spec.precompute) == ("reuse/sink", "sink")
     assert parse_method("blend", "alone").label == "blend/alone"
-    assert parse_method("blend", "prefix").label == "blend"  # the default mode: plain label
+    assert parse_method("blend", "preamble").label == "blend"  # the default mode: plain label
+    assert parse_method("blend", "prefix").label == "blend/prefix"
     assert parse_method("full", "sink").label == "full"  # full reads no chunk entries
     assert parse_method("blend@0.05/sink", "alone").precompute == "sink"  # own mode wins
 
@@ -57,7 +58,7 @@ def test_precompute_modes_and_labels():
 def test_parse_methods_list():
     labels = [s.label for s in parse_methods("full,blend@0.15:L1=0.3,L4,epic@32")]
     assert labels == ["full", "blend@0.15:L1=0.3,L4", "epic@32"]
-    labels = [s.label for s in parse_methods("full,reuse,blend", ["alone", "sink", "prefix"])]
+    labels = [s.label for s in parse_methods("full,reuse,blend", ["alone", "sink", "preamble"])]
     assert labels == ["full", "reuse/alone", "reuse/sink", "reuse", "blend/alone",
                       "blend/sink", "blend"]
     assert [s.label for s in parse_methods("blend,blend, ,full")] == ["blend", "full"]
