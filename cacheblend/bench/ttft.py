@@ -74,7 +74,8 @@ def bench_ttft(engine: Engine, chunks: int = 6, chunk_tokens: int = 512, ratio: 
         "methods": {
             m: {"ttft_s": round(medians[m], 4), "reused_tokens": stats[m].reused_tokens,
                 "computed_tokens": stats[m].computed_tokens,
-                "missed_tokens": stats[m].missed_tokens}
+                "missed_tokens": stats[m].missed_tokens,
+                "store_load_s": round(stats[m].load_s, 4)}
             for m in METHODS
         },
         "hf_full": {"ttft_s": round(medians["hf_full"], 4)},
