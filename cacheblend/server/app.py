@@ -264,7 +264,6 @@ def create_app(
                     "cached": result.cached,
                 }
             )
-        await _wait(jobs[-1])  # the default prefix
         return {"object": "list", "data": data}
 
     @app.delete("/v1/documents/{document_id}", response_model=DocumentDeleted, responses=ERRORS)
