@@ -83,13 +83,7 @@ def prepare_chat(
         )
     separator = settings.separator
     split = bool(separator) and any(separator in m["content"] for m in messages)
-    if split and documents:
-        raise ApiError(
-            400,
-            "use either documents or the separator, not both",
-            param="documents",
-            code="invalid_value",
-        )
+    _one_document_source(split, documents)
     method, ratio = fusion_options(body, settings)
     sampling = sampling_params(
         body, settings, engine, body.max_completion_tokens or body.max_tokens
@@ -150,13 +144,7 @@ def prepare_completion(
             )
     separator = settings.separator
     split = isinstance(prompt, str) and bool(separator) and separator in prompt
-    if split and documents:
-        raise ApiError(
-            400,
-            "use either documents or the separator, not both",
-            param="documents",
-            code="invalid_value",
-        )
+    _one_document_source(split, documents)
     method, ratio = fusion_options(body, settings)
     sampling = sampling_params(body, settings, engine, body.max_tokens)
     prompts = engine.prompts
@@ -303,3 +291,14 @@ class ChunkMaker:
         if self.include_usage:
             chunks.append(self._chunk(None, usage=usage(result)))
         return chunks
+
+
+def _one_document_source(split: bool, documents) -> None:
+    """Documents come from the ``documents`` field or from separator-split text, not both."""
+    if split and documents:
+        raise ApiError(
+            400,
+            "use either documents or the separator, not both",
+            param="documents",
+            code="invalid_value",
+        )
