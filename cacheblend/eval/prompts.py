@@ -17,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 
 from cacheblend.eval.datasets import Example
+from cacheblend.eval.metrics import first_line
 from cacheblend.prompt import PromptBuilder, Segments
 
 
@@ -26,6 +27,7 @@ class TaskPrompt:
     instruction: str  # before the passages
     query: str  # after the passages; ``{query}`` is the example's query
     max_tokens: int  # default decode length for the task
+    stop: tuple[str, ...] = ()  # decoding ends at these (summaries: one paragraph)
 
 
 PROMPTS = {
@@ -41,13 +43,17 @@ PROMPTS = {
         instruction="Below are several news articles about one story.",
         query="Summarise the news articles above in one paragraph.",
         max_tokens=128,
+        stop=("\n\n",),
     ),
     "dialogue": TaskPrompt(
         system="You are a helpful assistant. You summarise conversations.",
         instruction="Below are example dialogues, each followed by its summary.",
-        query="Summarise the following dialogue in one or two sentences, like the examples "
-              "above.\n\nDialogue:\n{query}",
-        max_tokens=128,
+        # The query comes before the instruction and the answer is asked to open with the
+        # shots' "Summary:" label: without both, the 135M model repeats the dialogue.
+        query="Dialogue:\n{query}\n\nSummarise this dialogue in one sentence, like the "
+              "summaries above. Start with \"Summary:\".",
+        max_tokens=64,
+        stop=("\n\n",),
     ),
 }
 
@@ -61,6 +67,20 @@ def build_segments(builder: PromptBuilder, example: Example) -> Segments:
         {"role": "user", "content": head + prompt.query.format(query=example.query)},
     ]
     return builder.build_messages(messages, list(example.documents), question_prefix=head)
+
+
+SUMMARY_LABEL = "Summary:"
+
+
+def answer_text(kind: str, text: str) -> str:
+    """The part of a generated answer that is scored: a QA answer's first line (how LongBench
+    reads a chatty model), a summary without the "Summary:" label it was asked to open with."""
+    if kind == "qa":
+        return first_line(text)
+    text = text.strip()
+    if text.lower().startswith(SUMMARY_LABEL.lower()):
+        text = text[len(SUMMARY_LABEL):].strip()
+    return text
 
 
 def prompts_version() -> str:

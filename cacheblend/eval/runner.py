@@ -35,8 +35,8 @@ from cacheblend.decode import SamplingParams
 from cacheblend.engine import Engine, GenerateRequest, GenerateResult
 from cacheblend.eval.datasets import TASK_METRIC, Example, LoadedDataset
 from cacheblend.eval.methods import MethodSpec, parse_method
-from cacheblend.eval.metrics import METRICS, first_line, first_token_kl, top1_agreement
-from cacheblend.eval.prompts import PROMPTS, build_segments, prompts_version
+from cacheblend.eval.metrics import METRICS, first_token_kl, top1_agreement
+from cacheblend.eval.prompts import PROMPTS, answer_text, build_segments, prompts_version
 from cacheblend.prompt import Segments
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class EvalPlan:
     specs: list[MethodSpec]  # "full" first
     max_tokens: int
     decode: set[str]  # labels that decode an answer (contains "full" when not empty)
+    stop: tuple[str, ...] = ()  # the task's stop strings
     progress: bool = True
     extra_setting: dict = field(default_factory=dict)
 
@@ -69,7 +70,8 @@ class EvalPlan:
                              f"{', '.join(sorted(unknown))}")
         if decode:
             decode.add("full")  # the *_vs_full scores need the reference answer
-        return cls(specs, max_tokens or PROMPTS[kind].max_tokens, decode, progress)
+        prompt = PROMPTS[kind]
+        return cls(specs, max_tokens or prompt.max_tokens, decode, prompt.stop, progress)
 
 
 def setting_of(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, seed: int) -> dict:
@@ -179,9 +181,10 @@ def warm_up(engine: Engine) -> None:
     _WARM_MODELS.add(engine.loaded.model)
 
 
-def _request(segments: Segments, method: str, max_tokens: int) -> GenerateRequest:
-    return GenerateRequest(segments=segments, method=method,
-                           sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+def _request(segments: Segments, method: str, max_tokens: int,
+             stop: tuple[str, ...] = ()) -> GenerateRequest:
+    return GenerateRequest(segments=segments, method=method, sampling=SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, stop=stop))
 
 
 def generate_hit(engine: Engine, request: GenerateRequest) -> GenerateResult:
@@ -196,10 +199,10 @@ def generate_hit(engine: Engine, request: GenerateRequest) -> GenerateResult:
 def _scores(example: Example, answer: str, full_answer: str | None) -> dict:
     metric = TASK_METRIC[example.kind]
     score = METRICS[metric]
-    text = first_line(answer) if example.kind == "qa" else answer.strip()
+    text = answer_text(example.kind, answer)
     out = {metric: score(text, example.answers)}
     if full_answer is not None:
-        reference = first_line(full_answer) if example.kind == "qa" else full_answer.strip()
+        reference = answer_text(example.kind, full_answer)
         out[f"{metric}_vs_full"] = score(text, [reference])
     return out
 
@@ -273,7 +276,8 @@ def evaluate_example(engine: Engine, example: Example, plan: EvalPlan, results: 
     if full_spec in pending or reference is None:
         note("full")
         decode = full_spec.label in plan.decode
-        result = generate_hit(engine, _request(segments, "full", plan.max_tokens if decode else 1))
+        result = generate_hit(engine, _request(segments, "full", plan.max_tokens if decode else 1,
+                                                plan.stop))
         reference = result.first_logits
         references.save(example.id, reference)
         if full_spec in pending:
@@ -288,7 +292,7 @@ def evaluate_example(engine: Engine, example: Example, plan: EvalPlan, results: 
             continue
         note(spec.label)
         decode = spec.label in plan.decode
-        request = _request(segments, spec.method, plan.max_tokens if decode else 1)
+        request = _request(segments, spec.method, plan.max_tokens if decode else 1, plan.stop)
         result = generate_hit(views[spec.label], request)
         results.append(_row(example, spec, result, reference, decode, full_answer))
 
