@@ -47,8 +47,8 @@ def test_top_p_keeps_only_the_nucleus():
     assert {sampler(logits) for _ in range(50)} == {0}
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
-                                 dict(max_tokens=0), dict(stop=("",))])
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_k": -1},
+                                 {"max_tokens": 0}, {"stop": ("",)}])
 def test_invalid_sampling_values(bad):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**bad)

@@ -1,5 +1,6 @@
-"""PNG plots (matplotlib, Agg backend): quality against TTFT with its Pareto front, KL against
-TTFT, and TTFT against prompt length."""
+"""PNG plots (matplotlib, Agg backend): quality against TTFT with its Pareto front (against the
+gold answers, against the full-prefill answer, and first-token KL), and TTFT against prompt
+length."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 METRIC_NAMES = {"f1": "answer F1", "rouge_l": "Rouge-L", "top1_agreement": "top-1 agreement",
-                "kl_first_token": "first-token KL vs full (nats)"}
+                "kl_first_token": "first-token KL vs full (nats)",
+                "f1_vs_full": "answer F1 vs full prefill's answer",
+                "rouge_l_vs_full": "Rouge-L vs full prefill's summary"}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -25,11 +28,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def quality_metric(summary: dict) -> str:
-    """The task metric when every method has it (all decoded), else top-1 agreement."""
-    metric = summary["metric"]
-    methods = summary["methods"].values()
-    if methods and all(m.get(metric) is not None for m in methods):
+def quality_metric(summary: dict, against_full: bool = False) -> str:
+    """The task metric (``against_full``: scored against the full-prefill answer) when some
+    method besides full decoded answers (the plot shows those methods), else top-1 agreement."""
+    metric = summary["metric"] + ("_vs_full" if against_full else "")
+    decoded = [label for label, m in summary["methods"].items() if m.get(metric) is not None]
+    if any(label != "full" for label in decoded):
         return metric
     return "top1_agreement"
 
@@ -98,6 +102,8 @@ def plot_dataset(summary: dict, out_dir: Path) -> dict[str, Path]:
     name = summary["dataset"]
     return {
         "quality_vs_ttft": plot_quality_vs_ttft(summary, out_dir / f"quality_vs_ttft_{name}.png"),
+        "fidelity_vs_ttft": plot_quality_vs_ttft(summary, out_dir / f"fidelity_vs_ttft_{name}.png",
+                                                 key=quality_metric(summary, against_full=True)),
         "kl_vs_ttft": plot_quality_vs_ttft(summary, out_dir / f"kl_vs_ttft_{name}.png",
                                            key="kl_first_token"),
     }

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from cacheblend.blend.select import (Candidates, FirstKSelector, HKVDSelector, UnionSelector,
-                                     first_k_mask, kv_deviation)
+from cacheblend.blend.select import (
+    Candidates,
+    FirstKSelector,
+    HKVDSelector,
+    UnionSelector,
+    first_k_mask,
+    kv_deviation,
+)
 
 SPANS = [(10, 20), (20, 40)]
 

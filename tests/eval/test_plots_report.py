@@ -37,11 +37,15 @@ def test_plots_and_report(tmp_path):
     assert "cacheblend eval --dataset toy" in text and "| `blend` |" in text
     assert "3.00x" in text  # reuse: 3.0 s / 0.5 s... blend: 3.0 / 1.0
     assert "(results_plots/quality_vs_ttft_toy.png)" in text
+    assert "(results_plots/fidelity_vs_ttft_toy.png)" in text
     assert (docs / "results_plots" / "ttft_vs_length.png").is_file()
     assert "| 2050 | 7.000 | 2.000 |" in text and "llama_cpp" in text
 
 
-def test_quality_falls_back_to_top1_without_answers():
+def test_quality_plots_the_decoded_methods_else_top1():
     data = summary()
-    data["methods"]["reuse"]["f1"] = None
+    assert quality_metric(data, against_full=True) == "f1_vs_full"
+    data["methods"]["reuse"]["f1"] = None  # reuse did not decode: blend still has a score
+    assert quality_metric(data) == "f1"
+    data["methods"]["blend"]["f1"] = None  # only full decoded: nothing to compare
     assert quality_metric(data) == "top1_agreement"

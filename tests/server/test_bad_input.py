@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+
 from tests.server.server_helpers import API_KEY, assert_error
 
 CHAT = "/v1/chat/completions"

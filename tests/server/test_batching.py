@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from tests.server.server_helpers import make_engine
 
 from cacheblend.decode import SamplingParams
 from cacheblend.engine import GenerateRequest, decode_step
 from cacheblend.server.batching import decode_batch
+from tests.server.server_helpers import make_engine
 
 
 def test_batched_decode_matches_one_at_a_time(loaded_model):

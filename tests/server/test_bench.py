@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from tests.server.server_helpers import make_engine
-
 from cacheblend.bench.serve import bench_batching, bench_serve, percentile, poisson_requests
+from tests.server.server_helpers import make_engine
 
 
 def test_bench_serve_tiny(loaded_model):

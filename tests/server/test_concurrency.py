@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
 from tests.server.server_helpers import DOCS, HEADERS, assert_error, make_engine
 
 PROMPTS = [

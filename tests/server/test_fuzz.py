@@ -11,9 +11,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.server.server_helpers import API_KEY, HEADERS, make_engine
 
 from cacheblend.config import METHODS
+from tests.server.server_helpers import API_KEY, HEADERS, make_engine
 
 BUDGET = settings(
     max_examples=70,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+
 from tests.server.server_helpers import DOCS, SEPARATOR
 
 QUESTION = "Who is the mayor of Zorblat?"

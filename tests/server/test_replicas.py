@@ -13,9 +13,9 @@ import uuid
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.server.server_helpers import API_KEY, DOCS, HEADERS
 
 from cacheblend.store.valkey_server import free_port
+from tests.server.server_helpers import API_KEY, DOCS, HEADERS
 
 
 class Replica:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from tests.server.server_helpers import assert_error, make_engine
 
 import cacheblend.server.scheduler as scheduler_module
+from tests.server.server_helpers import assert_error, make_engine
 
 
 @pytest.fixture(scope="module")

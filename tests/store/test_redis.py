@@ -9,11 +9,11 @@ import time
 
 import pytest
 import redis
-from tests.store.test_disk import exercise_store, writer_entry
 
 from cacheblend.store.codec import encode
 from cacheblend.store.redis_store import RedisStore
 from cacheblend.store.valkey_server import ValkeyServer
+from tests.store.test_disk import exercise_store, writer_entry
 
 MODEL = "test-model-fingerprint"
 KEY = "ab" * 16
