@@ -53,17 +53,28 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+BASELINES = ("full", "hf_full", "llama_cpp")  # what a blend request is compared with
+
+
 def sweep_table(sweep: dict) -> str:
+    """TTFT per (length, method), then each baseline's TTFT over blend's: the speed-ups."""
     labels = list(sweep["methods"])
-    lines = ["| prompt tokens | " + " | ".join(f"`{label}`" for label in labels) + " |",
-             "|---:|" + "---:|" * len(labels)]
+    target = "blend" if "blend" in labels else None
+    ratios = [b for b in BASELINES if b in labels and target and b != target]
+    lines = ["| prompt tokens | " + " | ".join(f"`{label}`" for label in labels)
+             + "".join(f" | {target} vs {b}" for b in ratios) + " |",
+             "|---:|" + "---:|" * (len(labels) + len(ratios))]
     for index, length in enumerate(sweep["lengths"]):
-        cells, tokens = [], None
+        ttft, tokens = {}, None
         for label in labels:
             rows = sweep["methods"][label]
             row = rows[index] if index < len(rows) else None
             tokens = tokens or (row and row["prompt_tokens"])
-            cells.append(_fmt(row["ttft_s"]) if row else "-")
+            ttft[label] = row["ttft_s"] if row else None
+        cells = [_fmt(ttft[label]) for label in labels]
+        for base in ratios:
+            ok = ttft[base] is not None and ttft[target]
+            cells.append(f"{ttft[base] / ttft[target]:.2f}x" if ok else "-")
         lines.append(f"| {tokens or length} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -111,7 +122,10 @@ def write_report(out_dir: str | Path, summaries: list[dict], sweep: dict | None 
                   (f"Median of {sweep['repeats']} requests after a warm-up, {sweep['source']} "
                   f"chunks of ~{sweep['chunk_tokens']} tokens. `prefix`: the system prefix is "
                   "cached, the chunks are not (a RAG request whose chunk order was not seen "
-                  "before). `hf_full`: transformers' forward of the same ids."), "",
+                  "before). `hf_full`: transformers' forward of the same ids. `llama_cpp`: llama.cpp "
+                  "(llama-cpp-python) prefilling the same ids on the GGUF file itself, whose "
+                  "weights stay quantized: a speed peer, not a quality one. `blend vs X`: X's "
+                  "TTFT over blend's."), "",
                   sweep_table(sweep)]
         if sweep.get("skipped_peers"):
             parts += ["", f"Not installed, skipped: {', '.join(sweep['skipped_peers'])}."]

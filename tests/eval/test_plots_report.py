@@ -39,7 +39,8 @@ def test_plots_and_report(tmp_path):
     assert "(results_plots/quality_vs_ttft_toy.png)" in text
     assert "(results_plots/fidelity_vs_ttft_toy.png)" in text
     assert (docs / "results_plots" / "ttft_vs_length.png").is_file()
-    assert "| 2050 | 7.000 | 2.000 |" in text and "llama_cpp" in text
+    assert "| 2050 | 7.000 | 2.000 | 3.50x |" in text and "llama_cpp" in text
+    assert "blend vs full" in text
 
 
 def test_quality_plots_the_decoded_methods_else_top1():
