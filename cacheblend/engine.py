@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -70,6 +70,7 @@ class RequestStats:
     controller: str = ""  # the loading controller's reason for what ran
     decode_s: float = 0.0
     completion_tokens: int = 0
+    store_s: float = 0.0  # store writes after the first token (prefix entries, fallback misses)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -333,7 +334,17 @@ class Engine:
         return method, blend
 
     def prefill(self, request: GenerateRequest) -> tuple[RequestKV, torch.Tensor, RequestStats]:
-        """Fused prefill only: (request KV, last-position logits, stats without decode)."""
+        """Fused prefill only: (request KV, last-position logits, stats without decode). The
+        store writes the request owes are done before it returns."""
+        kv, logits, stats, store_writes = self.prefill_then_store(request)
+        store_writes()
+        return kv, logits, stats
+
+    def prefill_then_store(self, request: GenerateRequest
+                           ) -> tuple[RequestKV, torch.Tensor, RequestStats, Callable[[], None]]:
+        """As ``prefill``, but the store writes this request owes (its exact-prefix entries,
+        chunks a fallback request missed) come back as a call to make once the first token is
+        out: they are not part of the time to first token."""
         method, blend = self._resolve(request)
         segments = self.segments_for(request)
         total = segments.num_tokens
@@ -351,10 +362,6 @@ class Engine:
             self.controller.observe_compute(sum(result.active_per_layer),
                                             time.perf_counter() - fusion_start)
             elapsed = time.perf_counter() - start
-            if ran == "prefix" and result.captured is not None:
-                self._store_prefix_chain(segments, int(plan.active[0]), result.captured)
-            if lookup.deferred:
-                self._store_deferred(segments, lookup, blend)
         cached_rows = torch.zeros(total, dtype=torch.bool)
         for span in plan.cached:
             cached_rows[span.start : span.end] = True
@@ -376,30 +383,47 @@ class Engine:
             requested_method=method,
             controller=lookup.reason,
         )
-        return kv, result.logits, stats
+
+        def store_writes() -> None:
+            store_start = time.perf_counter()
+            with self.lock, torch.inference_mode():
+                if ran == "prefix" and result.captured is not None:
+                    self._store_prefix_chain(segments, int(plan.active[0]), result.captured)
+                if lookup.deferred:
+                    self._store_deferred(segments, lookup, blend)
+            stats.store_s = time.perf_counter() - store_start
+
+        return kv, result.logits, stats, store_writes
 
     def generate_iter(self, request: GenerateRequest) -> Iterator[tuple[str, GenerateResult | None]]:
         """Yields (text delta, None) as tokens are produced, then ("", GenerateResult)."""
         start = time.perf_counter()
-        kv, logits, stats = self.prefill(request)
+        kv, logits, stats, store_writes = self.prefill_then_store(request)
         sampler = Sampler(request.sampling, self.config.device)
         stopper = StopChecker(self.tokenizer, request.sampling, self.eos_ids)
         first_logits = logits
-        with self.lock, torch.inference_mode():
-            token = sampler(logits)
-            stats.ttft_s = time.perf_counter() - start
-            decode_start = time.perf_counter()
-            while True:
-                delta = stopper.add(token)
-                if delta:
-                    yield delta, None
-                if stopper.done:
-                    break
-                if kv.length >= kv.capacity:
-                    stopper.finish_reason = "length"
-                    break
-                token = sampler(decode_step(self.runner, kv, token))
-            stats.decode_s = time.perf_counter() - decode_start
+        try:
+            with self.lock, torch.inference_mode():
+                token = sampler(logits)
+                stats.ttft_s = time.perf_counter() - start
+                decode_start = time.perf_counter()
+                while True:
+                    delta = stopper.add(token)
+                    if delta:
+                        yield delta, None
+                    if store_writes is not None:  # the first token is out: now store
+                        store_writes()
+                        store_writes = None
+                    if stopper.done:
+                        break
+                    if kv.length >= kv.capacity:
+                        stopper.finish_reason = "length"
+                        break
+                    token = sampler(decode_step(self.runner, kv, token))
+                stats.decode_s = time.perf_counter() - decode_start - stats.store_s
+        finally:
+            if store_writes is not None:  # the caller stopped reading before the first token
+                store_writes()
         stats.completion_tokens = len(stopper.tokens)
         yield "", GenerateResult(stopper.text, stopper.tokens, stopper.finish_reason, stats,
                                  first_logits)

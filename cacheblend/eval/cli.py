@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 from pathlib import Path
 
 from cacheblend.commands.common import add_engine_args, engine_config
 from cacheblend.config import PRECOMPUTE_MODES
 from cacheblend.errors import CacheBlendError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = "full,prefix,reuse,blend,epic"
 
@@ -178,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         plots["ttft_sweep"] = {"ttft_vs_length": plot_ttft_vs_length(
             sweep, out_dir / "ttft_vs_length.png")}
 
+    summaries = _with_earlier_summaries(out_dir, summaries, plots)
     commands = list(dict.fromkeys([s["command"] for s in summaries]
                                   + ([sweep["command"]] if sweep else [])))
     report = write_report(out_dir, summaries, sweep, commands, plots)
@@ -202,6 +206,29 @@ def run(args: argparse.Namespace) -> int:
         print(sweep_table(sweep))
     print(f"\nreport: {report}")
     return 0
+
+
+def _with_earlier_summaries(out_dir: Path, summaries: list[dict], plots: dict) -> list[dict]:
+    """This run's summaries plus those of datasets evaluated earlier into ``out_dir`` (their
+    ``summary.json``), in the datasets' order: the report covers every dataset there."""
+    from cacheblend.eval.datasets import DATASETS
+    from cacheblend.eval.plots import plot_dataset
+    from cacheblend.eval.runner import SUMMARY_FILE
+
+    by_name = {s["dataset"]: s for s in summaries}
+    for path in sorted(out_dir.glob(f"*/{SUMMARY_FILE}")):
+        try:
+            summary = json.loads(path.read_text())
+            name = summary["dataset"]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable summary, left out of the report", path)
+            continue
+        if name not in by_name:
+            by_name[name] = summary
+            plots[name] = plot_dataset(summary, path.parent)
+    order = {name: index for index, name in enumerate(DATASETS)}
+    return sorted(by_name.values(), key=lambda s: (order.get(s["dataset"], len(order)),
+                                                   s["dataset"]))
 
 
 def _run_sweep(engine, args, lengths, precompute, progress, names) -> dict:

@@ -190,8 +190,20 @@ def samsum_shot_pool(test_path: str | Path, validation_path: str | Path
     return pool, excluded
 
 
+SUMMARY_MARK = "\nSummary: "
+
+
 def format_shot(dialogue: str, summary: str) -> str:
-    return f"Dialogue:\n{dialogue}\nSummary: {summary}"
+    return f"Dialogue:\n{dialogue}{SUMMARY_MARK}{summary}"
+
+
+def truncate_shot(text: str, tokenizer, max_tokens: int) -> str:
+    """A SAMSum shot with its dialogue cut to ``max_tokens`` tokens: its summary, the part a
+    shot is there to show, is always kept whole."""
+    dialogue, mark, summary = text.rpartition(SUMMARY_MARK)
+    if not mark:
+        return truncate_text(text, tokenizer, max_tokens)
+    return truncate_text(dialogue, tokenizer, max_tokens) + mark + summary
 
 
 def load_samsum(test_path: str | Path, validation_path: str | Path, shots: int = 6,
@@ -268,6 +280,7 @@ def load_dataset(name: str | None = None, data_file: str | Path | None = None,
     ``passages`` / ``passage_tokens`` default to the dataset's own defaults (``DATASETS``);
     a value <= 0 means "all" / "no truncation".
     """
+    truncate = truncate_text
     if data_file is not None:
         path = Path(data_file)
         info = DatasetInfo(name or path.stem, (str(path),), "qa", None, None)
@@ -281,8 +294,9 @@ def load_dataset(name: str | None = None, data_file: str | Path | None = None,
             if not path.is_file():
                 raise CacheBlendError(f"dataset {info.name}: {path} not found")
         if info.name == "samsum":
-            shots = info.passages if passages is None else passages
-            examples = load_samsum(files[0], files[1], shots=shots if shots > 0 else 6, seed=seed)
+            passages = info.passages if passages is None or passages <= 0 else passages
+            examples = load_samsum(files[0], files[1], shots=passages, seed=seed)
+            truncate = truncate_shot
         elif info.name == "multi_news":
             examples = load_multi_news(files[0])
         else:
@@ -291,5 +305,5 @@ def load_dataset(name: str | None = None, data_file: str | Path | None = None,
     passage_tokens = (info.passage_tokens if passage_tokens is None
                       else (passage_tokens if passage_tokens > 0 else None))
     examples = select(examples, limit, seed, shuffle)
-    examples = prepare(examples, passages, passage_tokens, tokenizer)
+    examples = prepare(examples, passages, passage_tokens, tokenizer, truncate)
     return LoadedDataset(info.name, info.kind, files, examples, passages, passage_tokens)

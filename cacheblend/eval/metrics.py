@@ -65,6 +65,13 @@ def rouge_l(prediction: str, golds: Iterable[str]) -> float:
 METRICS = {"f1": answer_f1, "rouge_l": rouge_l}
 
 
+def answer_in_context(golds: Iterable[str], documents: Iterable[str]) -> bool:
+    """Whether any gold answer occurs (normalised) in the passages the model is shown: the
+    ceiling on answer F1 that truncating or dropping passages sets."""
+    context = f" {normalize_answer(' '.join(documents))} "
+    return any(f" {g} " in context for g in map(normalize_answer, golds) if g)
+
+
 def first_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """KL(softmax(reference) || softmax(logits)) in nats; both (V,). Identical inputs give 0."""
     ref = torch.log_softmax(reference_logits.double().flatten(), dim=-1)  # (V,)

@@ -27,7 +27,6 @@ class TaskPrompt:
     instruction: str  # before the passages
     query: str  # after the passages; ``{query}`` is the example's query
     max_tokens: int  # default decode length for the task
-    stop: tuple[str, ...] = ()  # decoding ends at these (summaries: one paragraph)
 
 
 PROMPTS = {
@@ -43,7 +42,6 @@ PROMPTS = {
         instruction="Below are several news articles about one story.",
         query="Summarise the news articles above in one paragraph.",
         max_tokens=128,
-        stop=("\n\n",),
     ),
     "dialogue": TaskPrompt(
         system="You are a helpful assistant. You summarise conversations.",
@@ -53,7 +51,6 @@ PROMPTS = {
         query="Dialogue:\n{query}\n\nSummarise this dialogue in one sentence, like the "
               "summaries above. Start with \"Summary:\".",
         max_tokens=64,
-        stop=("\n\n",),
     ),
 }
 
@@ -74,13 +71,14 @@ SUMMARY_LABEL = "Summary:"
 
 def answer_text(kind: str, text: str) -> str:
     """The part of a generated answer that is scored: a QA answer's first line (how LongBench
-    reads a chatty model), a summary without the "Summary:" label it was asked to open with."""
+    reads a chatty model); a summary's first paragraph, without the "Summary:" label it was
+    asked to open with (the model often puts the summary on the lines after the label)."""
     if kind == "qa":
         return first_line(text)
     text = text.strip()
     if text.lower().startswith(SUMMARY_LABEL.lower()):
         text = text[len(SUMMARY_LABEL):].strip()
-    return text
+    return text.split("\n\n", 1)[0].strip()
 
 
 def prompts_version() -> str:

@@ -49,6 +49,21 @@ def dataset_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _scored_note(summary: dict) -> str:
+    """Which methods decoded answers and on how many examples the scores are compared."""
+    methods = summary["methods"]
+    decoded = [label for label, m in methods.items() if m.get("n_decoded")]
+    note = (f"Answers decoded by {', '.join(f'`{d}`' for d in decoded)}; their scores are "
+            f"means over the {max((methods[d]['n_decoded'] for d in decoded), default=0)} "
+            "examples all of them answered." if decoded else "No answers were decoded.")
+    otherwise = {label: m["served_otherwise"] for label, m in methods.items()
+                 if m.get("served_otherwise")}
+    if otherwise:
+        note += (" The loading controller ran another method than asked (a full prefill) in: "
+                 + ", ".join(f"`{label}` {n}x" for label, n in otherwise.items()) + ".")
+    return note
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -115,6 +130,11 @@ def write_report(out_dir: str | Path, summaries: list[dict], sweep: dict | None 
                   f"{setting['passage_tokens'] or 'untruncated'}, max new tokens: "
                   f"{setting['max_tokens']}; model `{setting['model'][:12]}`, store codec "
                   f"{setting['store_codec']}."), "", dataset_table(summary)]
+        parts += ["", _scored_note(summary)]
+        if summary.get("answer_in_context") is not None:
+            parts[-1] += (f" A gold answer occurs in the passages shown for "
+                          f"{100 * summary['answer_in_context']:.0f}% of the examples (a ceiling "
+                          "on answer F1).")
         for name, plot in plots.get(summary["dataset"], {}).items():
             parts += ["", f"![{summary['dataset']} {name}]({_place(Path(plot), out_dir)})"]
     if sweep:

@@ -35,7 +35,7 @@ from cacheblend.decode import SamplingParams
 from cacheblend.engine import Engine, GenerateRequest, GenerateResult
 from cacheblend.eval.datasets import TASK_METRIC, Example, LoadedDataset
 from cacheblend.eval.methods import MethodSpec, parse_method
-from cacheblend.eval.metrics import METRICS, first_token_kl, top1_agreement
+from cacheblend.eval.metrics import METRICS, answer_in_context, first_token_kl, top1_agreement
 from cacheblend.eval.prompts import PROMPTS, answer_text, build_segments, prompts_version
 from cacheblend.prompt import Segments
 
@@ -52,7 +52,6 @@ class EvalPlan:
     specs: list[MethodSpec]  # "full" first
     max_tokens: int
     decode: set[str]  # labels that decode an answer (contains "full" when not empty)
-    stop: tuple[str, ...] = ()  # the task's stop strings
     progress: bool = True
     extra_setting: dict = field(default_factory=dict)
 
@@ -70,8 +69,7 @@ class EvalPlan:
                              f"{', '.join(sorted(unknown))}")
         if decode:
             decode.add("full")  # the *_vs_full scores need the reference answer
-        prompt = PROMPTS[kind]
-        return cls(specs, max_tokens or prompt.max_tokens, decode, prompt.stop, progress)
+        return cls(specs, max_tokens or PROMPTS[kind].max_tokens, decode, progress)
 
 
 def setting_of(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, seed: int) -> dict:
@@ -87,6 +85,11 @@ def setting_of(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, seed: int
         "max_tokens": plan.max_tokens,
         "model": engine.fingerprint,
         "store_codec": engine.config.store_codec,
+        # what changes the TTFT columns
+        "store": engine.store.name,
+        "device": str(engine.config.device),
+        "threads": torch.get_num_threads(),
+        "loading": engine.config.loading,
         "prompts": prompts_version(),
         "blend_defaults": blend,
         **plan.extra_setting,
@@ -181,10 +184,9 @@ def warm_up(engine: Engine) -> None:
     _WARM_MODELS.add(engine.loaded.model)
 
 
-def _request(segments: Segments, method: str, max_tokens: int,
-             stop: tuple[str, ...] = ()) -> GenerateRequest:
-    return GenerateRequest(segments=segments, method=method, sampling=SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, stop=stop))
+def _request(segments: Segments, method: str, max_tokens: int) -> GenerateRequest:
+    return GenerateRequest(segments=segments, method=method,
+                           sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
 def generate_hit(engine: Engine, request: GenerateRequest) -> GenerateResult:
@@ -215,6 +217,7 @@ def _row(example: Example, spec: MethodSpec, result: GenerateResult, reference: 
         "method": spec.label,
         "base": spec.method,
         "ratio": stats.ratio,
+        "served_as": stats.method,  # what ran: the controller may fall back to full
         "decoded": decoded,
         "kl_first_token": first_token_kl(reference, result.first_logits),
         "top1_agreement": top1_agreement(reference, result.first_logits),
@@ -276,8 +279,7 @@ def evaluate_example(engine: Engine, example: Example, plan: EvalPlan, results: 
     if full_spec in pending or reference is None:
         note("full")
         decode = full_spec.label in plan.decode
-        result = generate_hit(engine, _request(segments, "full", plan.max_tokens if decode else 1,
-                                                plan.stop))
+        result = generate_hit(engine, _request(segments, "full", plan.max_tokens if decode else 1))
         reference = result.first_logits
         references.save(example.id, reference)
         if full_spec in pending:
@@ -292,7 +294,7 @@ def evaluate_example(engine: Engine, example: Example, plan: EvalPlan, results: 
             continue
         note(spec.label)
         decode = spec.label in plan.decode
-        request = _request(segments, spec.method, plan.max_tokens if decode else 1, plan.stop)
+        request = _request(segments, spec.method, plan.max_tokens if decode else 1)
         result = generate_hit(views[spec.label], request)
         results.append(_row(example, spec, result, reference, decode, full_answer))
 
@@ -303,10 +305,20 @@ def _mean(values: list) -> float | None:
 
 
 def summarize(rows: list[dict], labels: list[str], metric: str) -> dict[str, dict]:
-    """Per method: means over its rows (skipped rows excluded), plus counts and median TTFT."""
+    """Per method: means over its rows (skipped rows excluded), plus counts and median TTFT.
+
+    Answer scores are averaged over the examples that every decoding method answered, so the
+    methods' scores compare the same examples.
+    """
+    rows = [r for r in rows if r.get("skipped") is None]
+    answered: dict[str, set[str]] = {}
+    for row in rows:
+        if row.get("decoded"):
+            answered.setdefault(row["method"], set()).add(row["example"])
+    common = set.intersection(*answered.values()) if answered else set()
     out = {}
     for label in labels:
-        mine = [r for r in rows if r["method"] == label and r.get("skipped") is None]
+        mine = [r for r in rows if r["method"] == label]
         if not mine:
             continue
         summary = {"n": len(mine), "ratio": mine[0].get("ratio")}
@@ -314,10 +326,13 @@ def summarize(rows: list[dict], labels: list[str], metric: str) -> dict[str, dic
             summary[key] = _mean([r.get(key) for r in mine])
         ttfts = [r["ttft_s"] for r in mine if r.get("ttft_s") is not None]
         summary["ttft_median_s"] = median(ttfts) if ttfts else None
-        decoded = [r for r in mine if r.get("decoded")]
-        summary["n_decoded"] = len(decoded)
+        # Rows where the engine ran another method than asked (the controller's fallback).
+        summary["served_otherwise"] = sum(
+            1 for r in mine if r.get("served_as") not in (None, r.get("base")))
+        scored = [r for r in mine if r.get("decoded") and r["example"] in common]
+        summary["n_decoded"] = len(scored)
         for key in (metric, f"{metric}_vs_full"):
-            summary[key] = _mean([r.get(key) for r in decoded])
+            summary[key] = _mean([r.get(key) for r in scored])
         out[label] = summary
     return out
 
@@ -349,6 +364,9 @@ def run_dataset(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, out_dir:
         "examples": len(dataset.examples),
         "skipped": len({r["example"] for r in rows if r.get("skipped") is not None}),
         "evaluated_now": len(todo),
+        "answer_in_context": (mean(answer_in_context(e.answers, e.documents)
+                                   for e in dataset.examples)
+                              if dataset.kind == "qa" and dataset.examples else None),
         "setting_id": sid,
         "setting": setting,
         "methods": summarize(rows, [s.label for s in plan.specs], metric),

@@ -211,7 +211,7 @@ class Scheduler:
                 job.send("done", value)
                 return
             request = job.prepare()
-            job.kv, logits, job.stats = self.engine.prefill(request)
+            job.kv, logits, job.stats, store_writes = self.engine.prefill_then_store(request)
             job.sampler = Sampler(request.sampling, self.engine.config.device)
             job.stopper = StopChecker(self.engine.tokenizer, request.sampling, self.engine.eos_ids)
             token = job.sampler(logits)
@@ -220,7 +220,12 @@ class Scheduler:
             return
         job.first_token = time.perf_counter()
         job.stats.ttft_s = job.first_token - job.started
-        if self._advance(job, token):
+        going_on = self._advance(job, token)  # the first token goes out before the writes
+        try:
+            store_writes()
+        except Exception:  # the answer stands; the next request recomputes
+            log.exception("storing the KV of a finished prefill failed")
+        if going_on:
             self._running.append(job)
 
     def _advance(self, job: Job, token: int) -> bool:

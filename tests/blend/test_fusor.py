@@ -6,9 +6,11 @@ import torch
 
 from cacheblend.blend.fusor import FusionPlan, Fusor
 from cacheblend.blend.loader import CachedSpan
+from cacheblend.decode import SamplingParams
 from cacheblend.engine import GenerateRequest
 from cacheblend.kv import RequestKV
 from cacheblend.store.base import ChunkKV
+from cacheblend.store.memory import MemoryStore
 
 DOCS = [
     "The Greywater Lighthouse was designed by Miriam Osk and completed in 1798. " * 3,
@@ -197,3 +199,39 @@ def test_blend_without_prefix_keeps_fresh_early_layers(engine_factory):
     assert (blend_logits - full_logits).abs().max().item() <= 1e-4
     assert (blend_kv.keys[:, :, :n] - full_kv.keys[:, :, :n]).abs().max().item() <= 1e-4
     assert (blend_kv.values[:, :, :n] - full_kv.values[:, :, :n]).abs().max().item() <= 1e-4
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts = 0
+
+    def put(self, key, value) -> None:
+        self.puts += 1
+        super().put(key, value)
+
+
+def test_store_writes_come_after_the_first_token(engine_factory):
+    """A fallback request's misses and a prefix request's entries are stored once its first
+    token is out: they are not part of its TTFT."""
+    for method in ("blend", "prefix"):  # blend with nothing stored falls back to full
+        store = CountingStore()
+        engine = engine_factory(store=store)
+        stream = engine.generate_iter(
+            GenerateRequest(question=QUESTION, documents=DOCS, method=method,
+                            sampling=SamplingParams(max_tokens=4, temperature=0.0)))
+        first_delta, _ = next(stream)
+        assert first_delta and store.puts == 0, method
+        stream.close()  # a client that leaves after the first token: the writes still happen
+        assert store.puts >= len(DOCS), method
+        _, _, stats = engine.prefill(request(method))
+        assert stats.missed_tokens == 0 and stats.reused_tokens > 0, method
+
+
+def test_prefill_stores_before_it_returns(engine_factory):
+    store = CountingStore()
+    engine = engine_factory(store=store)
+    _, _, stats = engine.prefill(request("blend"))
+    assert stats.method == "full" and store.puts >= len(DOCS)

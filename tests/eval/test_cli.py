@@ -18,6 +18,14 @@ def test_eval_end_to_end(tmp_path, capsys, data_dir):
     assert (out / "musique" / "quality_vs_ttft_musique.png").is_file()
     assert (out / "results.md").is_file()
     assert "--passage-tokens 64" in result["command"]
+    assert "Answers decoded by `full`, `reuse`, `blend`, `epic`" in (out / "results.md").read_text()
+
+    # A later run of another dataset into the same directory: the report covers both.
+    argv[argv.index("musique")] = "2wikimqa"
+    assert main(argv) == 0
+    capsys.readouterr()
+    report = (out / "results.md").read_text()
+    assert "## musique" in report and "## 2wikimqa" in report
 
 
 def test_ttft_sweep_with_peers(tmp_path, capsys):

@@ -92,3 +92,18 @@ def test_truncation_with_the_engine_tokenizer(loaded, data_dir):
     for doc in (d for e in dataset.examples for d in e.documents):
         assert len(tokenizer(doc, add_special_tokens=False)["input_ids"]) <= 66
     assert truncate_text("short text", tokenizer, 64) == "short text"
+
+
+def test_samsum_truncation_cuts_the_dialogue_and_keeps_the_summary(loaded, data_dir):
+    tokenizer = loaded.tokenizer
+    dataset = load_dataset("samsum", data_dir=data_dir, limit=3, passage_tokens=24,
+                           tokenizer=tokenizer)
+    whole = load_dataset("samsum", data_dir=data_dir, limit=3)
+    for short, full in zip(dataset.examples, whole.examples, strict=True):
+        for cut, shot in zip(short.documents, full.documents, strict=True):
+            summary = shot.rpartition("\nSummary: ")[2]
+            assert cut.endswith("\nSummary: " + summary)
+            dialogue = cut.rpartition("\nSummary: ")[0]
+            assert len(tokenizer(dialogue, add_special_tokens=False)["input_ids"]) <= 26
+    # --passages 0 means the dataset's default number of shots, and says so.
+    assert load_dataset("samsum", data_dir=data_dir, limit=1, passages=0).passages == 6

@@ -7,6 +7,7 @@ from cacheblend.eval.metrics import (
     answer_f1,
     first_line,
     first_token_kl,
+    answer_in_context,
     normalize_answer,
     rouge_l,
     token_f1,
@@ -79,3 +80,11 @@ def test_pareto_front():
     # (ttft, quality): b beats a on both; c is slower but better; d is dominated by c
     points = [(2.0, 0.5), (1.0, 0.6), (3.0, 0.9), (4.0, 0.8)]
     assert pareto_front(points) == [1, 2]
+
+
+def test_answer_in_context_matches_whole_normalised_words():
+    docs = ["He studied at Exeter College, Oxford.", "Unrelated."]
+    assert answer_in_context(["exeter college"], docs)
+    assert answer_in_context(["nowhere", "The Exeter College"], docs)  # any gold; articles go
+    assert not answer_in_context(["Exeter Col"], docs)  # not a word boundary
+    assert not answer_in_context(["", "Cambridge"], docs)

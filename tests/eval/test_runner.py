@@ -11,6 +11,7 @@ from cacheblend.eval.runner import (
     run_dataset,
     setting_id,
     setting_of,
+    summarize,
 )
 
 
@@ -63,3 +64,20 @@ def test_run_is_resumable(engine, tiny, tmp_path):
 def test_decode_methods_must_be_evaluated():
     with pytest.raises(ValueError):
         EvalPlan.build(parse_methods("full,reuse"), "qa", decode={"blend"})
+
+
+def test_scores_compare_the_examples_every_decoding_method_answered():
+    def row(example, method, f1=None, served="blend"):
+        base = "full" if method == "full" else "blend"
+        out = {"example": example, "method": method, "base": base, "served_as": served,
+               "ttft_s": 1.0, "decoded": f1 is not None}
+        if f1 is not None:
+            out.update(f1=f1, f1_vs_full=f1)
+        return out
+
+    data = [row("a", "full", 1.0, "full"), row("b", "full", 0.0, "full"),
+            row("a", "blend", 0.5), row("b", "blend", served="full")]  # b: blend not decoded
+    summary = summarize(data, ["full", "blend"], "f1")
+    assert summary["full"]["f1"] == 1.0 and summary["full"]["n_decoded"] == 1  # only "a"
+    assert summary["blend"]["f1"] == 0.5 and summary["blend"]["n"] == 2
+    assert summary["blend"]["served_otherwise"] == 1 and summary["full"]["served_otherwise"] == 0

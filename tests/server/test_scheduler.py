@@ -28,7 +28,7 @@ def chat(client, model, stream=False):
 def test_prefill_bug_is_a_500_for_that_request_only(server, model_name, monkeypatch):
     engine = server.app.state.engine
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        monkeypatch.setattr(engine, "prefill", _raise)
+        monkeypatch.setattr(engine, "prefill_then_store", _raise)
         error = assert_error(chat(client, model_name), 500, code="internal_error")
         assert error["type"] == "server_error" and "boom" not in error["message"]
         monkeypatch.undo()
