@@ -5,9 +5,9 @@ import torch
 
 from cacheblend.eval.metrics import (
     answer_f1,
+    answer_in_context,
     first_line,
     first_token_kl,
-    answer_in_context,
     normalize_answer,
     rouge_l,
     token_f1,
