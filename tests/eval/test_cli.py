@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 from cacheblend.cli import main
@@ -38,6 +39,10 @@ def test_ttft_sweep_with_peers(tmp_path, capsys):
     for label in ("full", "prefix", "reuse", "blend", "hf_full"):
         assert [r["target_tokens"] for r in sweep["methods"][label]] == [80, 120]
         assert all(r["ttft_s"] > 0 for r in sweep["methods"][label])
+    if importlib.util.find_spec("llama_cpp"):  # the optional peer ran on the same GGUF
+        assert all(r["ttft_s"] > 0 for r in sweep["methods"]["llama_cpp"])
+    else:
+        assert sweep["skipped_peers"] == ["llama_cpp"] and "llama_cpp" not in sweep["methods"]
     assert (out / "ttft_sweep.json").is_file() and (out / "ttft_vs_length.png").is_file()
     assert "TTFT against prompt length" in (tmp_path / "docs" / "results.md").read_text()
 
