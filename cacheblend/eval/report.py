@@ -49,6 +49,43 @@ def dataset_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def overview_table(summaries: list[dict]) -> str:
+    """One row per method found in every dataset: quality and speed-up, averaged over datasets
+    (each dataset weighs the same), KL also as a share of ``reuse``'s."""
+    labels = [label for label in summaries[0]["methods"]
+              if all(label in s["methods"] for s in summaries)]
+
+    def mean_of(label, key, per=lambda summary, value: value):
+        values = [per(s, s["methods"][label].get(key)) for s in summaries]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def speedup(summary, ttft):
+        full = summary["methods"].get("full", {}).get("ttft_s")
+        return full / ttft if full and ttft else None
+
+    def kl_share(summary, kl):
+        reuse = summary["methods"].get("reuse", {}).get("kl_first_token")
+        return kl / reuse if reuse and kl is not None else None
+
+    lines = ["| method | KL(full‖m) | KL / reuse's | top-1 agree | score vs full | "
+             "speed-up vs full | recomputed of chunks |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label in labels:
+        vs_full = [s["methods"][label].get(f"{s['metric']}_vs_full") for s in summaries]
+        vs_full = [v for v in vs_full if v is not None]
+        share = mean_of(label, "kl_first_token", kl_share)
+        fast = mean_of(label, "ttft_s", speedup)
+        lines.append(
+            f"| `{label}` | {_fmt(mean_of(label, 'kl_first_token'), 4)} | "
+            f"{'-' if share is None else f'{share:.2f}x'} | "
+            f"{_fmt(mean_of(label, 'top1_agreement'), 2)} | "
+            f"{_fmt(sum(vs_full) / len(vs_full)) if vs_full else '-'} | "
+            f"{'-' if fast is None else f'{fast:.2f}x'} | "
+            f"{_pct(mean_of(label, 'recomputed_frac'))} |")
+    return "\n".join(lines)
+
+
 def _scored_note(summary: dict) -> str:
     """Which methods decoded answers and on how many examples the scores are compared."""
     methods = summary["methods"]
@@ -122,6 +159,12 @@ def write_report(out_dir: str | Path, summaries: list[dict], sweep: dict | None 
               "decoding; QA answers are read from the first line); TTFT of requests whose chunks "
               "were all in the store (mean over examples); recomputed = cached chunk tokens "
               "computed again, computed = prompt tokens with fresh K/V at the last layer.")]
+    if len(summaries) > 1:
+        parts += ["", "## All datasets", "",
+                  (f"Means over {', '.join(s['dataset'] for s in summaries)} (each dataset "
+                   "weighs the same; speed-up and KL share taken per dataset, then averaged). "
+                   "Score vs full: answer F1 or Rouge-L against the full-prefill answer."),
+                  "", overview_table(summaries)]
     for summary in summaries:
         setting = summary["setting"]
         parts += ["", f"## {summary['dataset']}", "",

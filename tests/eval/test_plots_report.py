@@ -1,5 +1,5 @@
 from cacheblend.eval.plots import plot_dataset, plot_ttft_vs_length, quality_metric
-from cacheblend.eval.report import write_report
+from cacheblend.eval.report import overview_table, write_report
 
 
 def summary():
@@ -50,3 +50,16 @@ def test_quality_plots_the_decoded_methods_else_top1():
     assert quality_metric(data) == "f1"
     data["methods"]["blend"]["f1"] = None  # only full decoded: nothing to compare
     assert quality_metric(data) == "top1_agreement"
+
+
+def test_overview_averages_datasets_alike():
+    one, two = summary(), summary()
+    two["dataset"] = "toy2"
+    two["methods"]["blend"].update(kl_first_token=0.1, ttft_s=0.5)  # 6x faster, half reuse's KL
+    del two["methods"]["reuse"]["ttft_s"]
+    table = overview_table([one, two])
+    # blend: KL (0.05 + 0.1) / 2; share of reuse's (0.25 + 0.5) / 2; speed-up (3 + 6) / 2
+    assert "| `blend` | 0.0750 | 0.38x | 1.00 | 0.500 | 4.50x | 10.0% |" in table
+    assert "| `reuse` | 0.2000 | 1.00x | 1.00 | 0.300 | 6.00x | 10.0% |" in table
+    two["methods"].pop("reuse")
+    assert "`reuse`" not in overview_table([one, two])  # only methods every dataset ran
