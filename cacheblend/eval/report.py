@@ -68,8 +68,8 @@ def overview_table(summaries: list[dict]) -> str:
         reuse = summary["methods"].get("reuse", {}).get("kl_first_token")
         return kl / reuse if reuse and kl is not None else None
 
-    lines = ["| method | KL(full‖m) | KL / reuse's | top-1 agree | score vs full | "
-             "speed-up vs full | recomputed of chunks |",
+    lines = [("| method | KL(full‖m) | KL / reuse's | top-1 agree | score vs full | "
+              "speed-up vs full | recomputed of chunks |"),
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         vs_full = [s["methods"][label].get(f"{s['metric']}_vs_full") for s in summaries]
