@@ -17,10 +17,14 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0  # end-of-sequence is not sampled before this many tokens (as vLLM)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must lie in [0, max_tokens], got {self.min_tokens}")
         if not 0.0 <= self.temperature <= 5.0:
             raise InvalidRequestError(f"temperature must lie in [0, 5], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -34,8 +38,11 @@ class SamplingParams:
 class Sampler:
     """Picks the next token from logits; one per request (it owns the request's RNG)."""
 
-    def __init__(self, params: SamplingParams, device: str | torch.device = "cpu") -> None:
+    def __init__(self, params: SamplingParams, device: str | torch.device = "cpu",
+                 eos_ids: tuple[int, ...] = ()) -> None:
         self.params = params
+        self.eos_ids = list(eos_ids)
+        self.sampled = 0
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -47,6 +54,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """logits (V,) -> token id."""
         p = self.params
+        if self.sampled < p.min_tokens and self.eos_ids:
+            logits = logits.clone()
+            logits[self.eos_ids] = float("-inf")
+        self.sampled += 1
         if p.temperature == 0:
             return int(torch.argmax(logits))
         logits = logits.float() / p.temperature

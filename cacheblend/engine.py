@@ -399,7 +399,7 @@ class Engine:
         """Yields (text delta, None) as tokens are produced, then ("", GenerateResult)."""
         start = time.perf_counter()
         kv, logits, stats, store_writes = self.prefill_then_store(request)
-        sampler = Sampler(request.sampling, self.config.device)
+        sampler = Sampler(request.sampling, self.config.device, tuple(self.eos_ids))
         stopper = StopChecker(self.tokenizer, request.sampling, self.eos_ids)
         first_logits = logits
         try:

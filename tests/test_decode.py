@@ -78,3 +78,12 @@ def test_eos_and_max_tokens():
     checker.add(ord("a"))
     checker.add(ord("b"))
     assert checker.finish_reason == "length" and checker.text == "ab"
+
+
+def test_min_tokens_holds_back_eos():
+    logits = torch.tensor([0.0, 5.0, 1.0])  # token 1 (EOS here) is the argmax
+    sampler = Sampler(SamplingParams(max_tokens=4, min_tokens=2), eos_ids=(1,))
+    assert [sampler(logits), sampler(logits), sampler(logits)] == [2, 2, 1]
+    assert Sampler(SamplingParams(max_tokens=4))(logits) == 1  # default: no hold-back
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(max_tokens=2, min_tokens=3)

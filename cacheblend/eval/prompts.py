@@ -5,7 +5,7 @@ written for this project. The layout is the engine's RAG layout:
 
     prefix = chat template head + system + instruction          (the same for every example)
     chunks = the passages, each tokenized alone                 (reused from the store)
-    suffix = the query text + the generation prompt             (always computed)
+    suffix = the query text + the generation prompt (+ the start of the reply, for SAMSum)
 
 Passages carry no "Passage i" numbering: a chunk's tokens must not depend on where it sits, or
 its cache entry could not be reused at another position.
@@ -14,7 +14,7 @@ its cache entry could not be reused at another position.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cacheblend.eval.datasets import Example
 from cacheblend.eval.metrics import first_line
@@ -27,6 +27,8 @@ class TaskPrompt:
     instruction: str  # before the passages
     query: str  # after the passages; ``{query}`` is the example's query
     max_tokens: int  # default decode length for the task
+    answer_prefix: str = ""  # the start of the reply, part of the prompt; the model goes on
+    min_tokens: int = 0  # end-of-sequence held back until the answer has this many tokens
 
 
 PROMPTS = {
@@ -46,11 +48,14 @@ PROMPTS = {
     "dialogue": TaskPrompt(
         system="You are a helpful assistant. You summarise conversations.",
         instruction="Below are example dialogues, each followed by its summary.",
-        # The query comes before the instruction and the answer is asked to open with the
-        # shots' "Summary:" label: without both, the 135M model repeats the dialogue.
+        # The dialogue before the instruction, the reply opened with the shots' label, and no
+        # end of sequence right after it: otherwise the 135M model repeats the dialogue, or
+        # writes the label and stops (3 of 8 test dialogues).
         query="Dialogue:\n{query}\n\nSummarise this dialogue in one sentence, like the "
-              "summaries above. Start with \"Summary:\".",
+              "summaries above.",
         max_tokens=64,
+        answer_prefix="Summary:",
+        min_tokens=4,
     ),
 }
 
@@ -63,22 +68,19 @@ def build_segments(builder: PromptBuilder, example: Example) -> Segments:
         {"role": "system", "content": prompt.system},
         {"role": "user", "content": head + prompt.query.format(query=example.query)},
     ]
-    return builder.build_messages(messages, list(example.documents), question_prefix=head)
-
-
-SUMMARY_LABEL = "Summary:"
+    segments = builder.build_messages(messages, list(example.documents), question_prefix=head)
+    if prompt.answer_prefix:
+        segments = replace(segments,
+                           suffix=segments.suffix + builder.user_ids(prompt.answer_prefix))
+    return segments
 
 
 def answer_text(kind: str, text: str) -> str:
     """The part of a generated answer that is scored: a QA answer's first line (how LongBench
-    reads a chatty model); a summary's first paragraph, without the "Summary:" label it was
-    asked to open with (the model often puts the summary on the lines after the label)."""
+    reads a chatty model), a summary's first paragraph."""
     if kind == "qa":
         return first_line(text)
-    text = text.strip()
-    if text.lower().startswith(SUMMARY_LABEL.lower()):
-        text = text[len(SUMMARY_LABEL):].strip()
-    return text.split("\n\n", 1)[0].strip()
+    return text.strip().split("\n\n", 1)[0].strip()
 
 
 def prompts_version() -> str:

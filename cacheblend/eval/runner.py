@@ -52,6 +52,7 @@ class EvalPlan:
     specs: list[MethodSpec]  # "full" first
     max_tokens: int
     decode: set[str]  # labels that decode an answer (contains "full" when not empty)
+    min_tokens: int = 0  # the task's (see prompts.TaskPrompt)
     progress: bool = True
     extra_setting: dict = field(default_factory=dict)
 
@@ -69,7 +70,8 @@ class EvalPlan:
                              f"{', '.join(sorted(unknown))}")
         if decode:
             decode.add("full")  # the *_vs_full scores need the reference answer
-        return cls(specs, max_tokens or PROMPTS[kind].max_tokens, decode, progress)
+        prompt = PROMPTS[kind]
+        return cls(specs, max_tokens or prompt.max_tokens, decode, prompt.min_tokens, progress)
 
 
 def setting_of(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, seed: int) -> dict:
@@ -184,9 +186,10 @@ def warm_up(engine: Engine) -> None:
     _WARM_MODELS.add(engine.loaded.model)
 
 
-def _request(segments: Segments, method: str, max_tokens: int) -> GenerateRequest:
-    return GenerateRequest(segments=segments, method=method,
-                           sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+def _request(segments: Segments, method: str, max_tokens: int,
+             min_tokens: int = 0) -> GenerateRequest:
+    return GenerateRequest(segments=segments, method=method, sampling=SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, min_tokens=min(min_tokens, max_tokens)))
 
 
 def generate_hit(engine: Engine, request: GenerateRequest) -> GenerateResult:
@@ -279,7 +282,8 @@ def evaluate_example(engine: Engine, example: Example, plan: EvalPlan, results: 
     if full_spec in pending or reference is None:
         note("full")
         decode = full_spec.label in plan.decode
-        result = generate_hit(engine, _request(segments, "full", plan.max_tokens if decode else 1))
+        result = generate_hit(engine, _request(segments, "full", plan.max_tokens if decode else 1,
+                                                plan.min_tokens))
         reference = result.first_logits
         references.save(example.id, reference)
         if full_spec in pending:
@@ -294,7 +298,8 @@ def evaluate_example(engine: Engine, example: Example, plan: EvalPlan, results: 
             continue
         note(spec.label)
         decode = spec.label in plan.decode
-        request = _request(segments, spec.method, plan.max_tokens if decode else 1)
+        request = _request(segments, spec.method, plan.max_tokens if decode else 1,
+                           plan.min_tokens)
         result = generate_hit(views[spec.label], request)
         results.append(_row(example, spec, result, reference, decode, full_answer))
 

@@ -40,6 +40,9 @@ def sampling_params(
             param="max_tokens",
             code="invalid_value",
         )
+    if (body.min_tokens or 0) > max_tokens:
+        raise ApiError(400, f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})",
+                       param="min_tokens", code="invalid_value")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -48,6 +51,7 @@ def sampling_params(
             top_k=body.top_k or 0,
             seed=body.seed,
             stop=body.stop_strings(),
+            min_tokens=body.min_tokens or 0,
         )
     except InvalidRequestError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from exc

@@ -62,6 +62,7 @@ class _Sampling(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, description="extension: 0 = off")
+    min_tokens: int | None = Field(None, ge=0, description="extension (as vLLM): no EOS before")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")

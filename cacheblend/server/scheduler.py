@@ -212,7 +212,8 @@ class Scheduler:
                 return
             request = job.prepare()
             job.kv, logits, job.stats, store_writes = self.engine.prefill_then_store(request)
-            job.sampler = Sampler(request.sampling, self.engine.config.device)
+            job.sampler = Sampler(request.sampling, self.engine.config.device,
+                                  tuple(self.engine.eos_ids))
             job.stopper = StopChecker(self.engine.tokenizer, request.sampling, self.engine.eos_ids)
             token = job.sampler(logits)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its request

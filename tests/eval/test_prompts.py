@@ -1,13 +1,10 @@
-from cacheblend.eval.prompts import PROMPTS, answer_text, prompts_version
+from cacheblend.eval.prompts import PROMPTS, answer_text, build_segments, prompts_version
 
 
 def test_answer_text_reads_what_each_task_scores():
     assert answer_text("qa", "\n Paris\nBecause it is the capital.") == "Paris"
-    assert answer_text("dialogue", "Summary: Anna will call Ben.") == "Anna will call Ben."
-    # The label alone on its line, the summary after a blank line: the summary is scored.
-    assert answer_text("dialogue", "summary:\n\nAnna will call Ben. ") == "Anna will call Ben."
+    assert answer_text("dialogue", " Anna will call Ben.\n\nDialogue:") == "Anna will call Ben."
     assert answer_text("news", "  The summit ended.\n\nIn other news...") == "The summit ended."
-    assert answer_text("news", "The Summary: section") == "The Summary: section"
 
 
 def test_prompt_version_changes_with_any_template_field():
@@ -19,3 +16,19 @@ def test_prompt_version_changes_with_any_template_field():
     finally:
         PROMPTS["news"] = original
     assert prompts_version() == before
+
+
+def test_dialogue_reply_opens_with_the_label(loaded, data_dir):
+    from cacheblend.eval.datasets import load_dataset
+    from cacheblend.prompt import PromptBuilder
+
+    builder = PromptBuilder(loaded.tokenizer)
+    example = load_dataset("samsum", data_dir=data_dir, limit=1).examples[0]
+    text = loaded.tokenizer.decode(build_segments(builder, example).suffix)
+    assert text.endswith("assistant\nSummary:")
+    # ... and the answer may not end right after the label.
+    from cacheblend.eval.methods import parse_methods
+    from cacheblend.eval.runner import EvalPlan
+
+    assert EvalPlan.build(parse_methods("full"), "dialogue").min_tokens == 4
+    assert EvalPlan.build(parse_methods("full"), "qa").min_tokens == 0
