@@ -35,6 +35,9 @@ class SamplingParams:
             raise InvalidRequestError("stop strings must be non-empty")
 
 
+MIN_TEMPERATURE = 1e-5  # below it, float32 logits / temperature would overflow: sample greedily
+
+
 class Sampler:
     """Picks the next token from logits; one per request (it owns the request's RNG)."""
 
@@ -58,9 +61,11 @@ class Sampler:
             logits = logits.clone()
             logits[self.eos_ids] = float("-inf")
         self.sampled += 1
-        if p.temperature == 0:
+        if p.temperature < MIN_TEMPERATURE:  # 0 = greedy; the limit of tinier ones too
             return int(torch.argmax(logits))
-        logits = logits.float() / p.temperature
+        # Shifted so the largest is 0: no overflow to inf (and NaN) at small temperatures.
+        logits = logits.float()
+        logits = (logits - logits.max()) / p.temperature
         if p.top_k > 0:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -87,3 +87,10 @@ def test_min_tokens_holds_back_eos():
     assert Sampler(SamplingParams(max_tokens=4))(logits) == 1  # default: no hold-back
     with pytest.raises(InvalidRequestError):
         SamplingParams(max_tokens=2, min_tokens=3)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324, 1e-6, 2e-5])
+def test_tiny_temperatures_sample_the_argmax_without_nan(temperature):
+    logits = torch.tensor([0.0, 30.0, 29.0, -5.0])
+    sampler = Sampler(SamplingParams(max_tokens=2, temperature=temperature, seed=0))
+    assert sampler(logits) == 1
