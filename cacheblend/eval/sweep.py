@@ -112,7 +112,8 @@ class _LlamaCpp:
         self.llm.reset()
         start = time.perf_counter()
         self.llm.eval(ids)
-        int(self.llm.scores[len(ids) - 1].argmax())
+        self.llm.sample(temp=0.0)  # the first token, greedy (scores are kept only with
+        # logits_all, which would make llama.cpp compute every position's logits)
         return time.perf_counter() - start
 
 
