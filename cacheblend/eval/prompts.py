@@ -83,7 +83,8 @@ def answer_text(kind: str, text: str) -> str:
     return text.strip().split("\n\n", 1)[0].strip()
 
 
-def prompts_version() -> str:
-    """A short digest of every template: results from other prompts are never mixed."""
-    text = repr(sorted((kind, p) for kind, p in PROMPTS.items()))
+def prompts_version(kind: str) -> str:
+    """A short digest of the task's template: results from other prompts are never mixed, and
+    editing one task's template leaves the other tasks' results valid."""
+    text = repr((kind, PROMPTS[kind]))
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()

@@ -92,7 +92,7 @@ def setting_of(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, seed: int
         "device": str(engine.config.device),
         "threads": torch.get_num_threads(),
         "loading": engine.config.loading,
-        "prompts": prompts_version(),
+        "prompts": prompts_version(dataset.kind),
         "blend_defaults": blend,
         **plan.extra_setting,
     }

@@ -7,15 +7,16 @@ def test_answer_text_reads_what_each_task_scores():
     assert answer_text("news", "  The summit ended.\n\nIn other news...") == "The summit ended."
 
 
-def test_prompt_version_changes_with_any_template_field():
-    before = prompts_version()
+def test_prompt_version_follows_the_task_template_only():
+    before = {kind: prompts_version(kind) for kind in PROMPTS}
     original = PROMPTS["news"]
     try:
         PROMPTS["news"] = original.__class__(**{**original.__dict__, "max_tokens": 7})
-        assert prompts_version() != before
+        assert prompts_version("news") != before["news"]
+        assert prompts_version("qa") == before["qa"]  # other tasks' results stay valid
     finally:
         PROMPTS["news"] = original
-    assert prompts_version() == before
+    assert {kind: prompts_version(kind) for kind in PROMPTS} == before
 
 
 def test_dialogue_reply_opens_with_the_label(loaded, data_dir):
