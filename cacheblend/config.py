@@ -12,6 +12,7 @@ from cacheblend.errors import ConfigError
 METHODS = ("full", "prefix", "reuse", "blend", "epic")
 DEVIATIONS = ("v", "k", "kv")
 PRECOMPUTE_MODES = ("alone", "sink", "preamble", "prefix")
+LOADING_MODES = ("bulk", "layer", "prefetch")  # see cacheblend.blend.loader
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.store_codec not in ("fp32", "fp16", "int8"):
             raise ConfigError(f"store_codec must be fp32, fp16 or int8, got {self.store_codec!r}")
-        if self.loading not in ("bulk", "layer", "prefetch"):
-            raise ConfigError(f"loading must be bulk, layer or prefetch, got {self.loading!r}")
+        if self.loading not in LOADING_MODES:
+            raise ConfigError(f"loading must be one of {LOADING_MODES}, got {self.loading!r}")
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
         if self.threads is not None and self.threads < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ class Sampler:
     """Picks the next token from logits; one per request (it owns the request's RNG)."""
 
     def __init__(self, params: SamplingParams, device: str | torch.device = "cpu",
-                 eos_ids: tuple[int, ...] = ()) -> None:
+                 eos_ids: Iterable[int] = ()) -> None:
         self.params = params
         self.eos_ids = list(eos_ids)
         self.sampled = 0

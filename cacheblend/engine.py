@@ -386,11 +386,14 @@ class Engine:
 
         def store_writes() -> None:
             store_start = time.perf_counter()
-            with self.lock, torch.inference_mode():
-                if ran == "prefix" and result.captured is not None:
-                    self._store_prefix_chain(segments, int(plan.active[0]), result.captured)
-                if lookup.deferred:
-                    self._store_deferred(segments, lookup, blend)
+            try:
+                with self.lock, torch.inference_mode():
+                    if ran == "prefix" and result.captured is not None:
+                        self._store_prefix_chain(segments, int(plan.active[0]), result.captured)
+                    if lookup.deferred:
+                        self._store_deferred(segments, lookup, blend)
+            except Exception:  # the answer stands; a later request recomputes what is missing
+                log.exception("storing the KV a request computed failed")
             stats.store_s = time.perf_counter() - store_start
 
         return kv, result.logits, stats, store_writes
@@ -399,7 +402,7 @@ class Engine:
         """Yields (text delta, None) as tokens are produced, then ("", GenerateResult)."""
         start = time.perf_counter()
         kv, logits, stats, store_writes = self.prefill_then_store(request)
-        sampler = Sampler(request.sampling, self.config.device, tuple(self.eos_ids))
+        sampler = Sampler(request.sampling, self.config.device, self.eos_ids)
         stopper = StopChecker(self.tokenizer, request.sampling, self.eos_ids)
         first_logits = logits
         try:

@@ -8,6 +8,7 @@ import json
 import tempfile
 
 from cacheblend.commands.common import add_engine_args, engine_config
+from cacheblend.config import LOADING_MODES
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> None:
     ttft.add_argument("--chunk-tokens", type=int, default=512)
     ttft.add_argument("--ratio", type=float, default=0.15)
     ttft.add_argument("--repeats", type=int, default=3)
-    ttft.add_argument("--loading", choices=("bulk", "layer", "prefetch"), default=None,
+    ttft.add_argument("--loading", choices=LOADING_MODES, default=None,
                       help="how cached rows are loaded (default: config, bulk)")
     ttft.add_argument("--json", action="store_true")
     add_engine_args(ttft)

@@ -72,7 +72,7 @@ def _in_chunks(positions: torch.Tensor, spans: list[tuple[int, int]]) -> torch.T
 class Fusor:
     def __init__(self, runner: ModelRunner, loading: str = "bulk") -> None:
         self.runner = runner
-        self.loading = loading  # see cacheblend.blend.loader.LOADING_MODES
+        self.loading = loading  # cacheblend.config.LOADING_MODES
 
     @torch.inference_mode()
     def run(self, plan: FusionPlan, kv: RequestKV) -> FusionResult:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from cacheblend.config import LOADING_MODES
 from cacheblend.kv import RequestKV
 from cacheblend.model.rope import RopeTable
 
@@ -36,9 +37,6 @@ class CachedSpan:
     @property
     def end(self) -> int:
         return self.start + self.source.num_tokens
-
-
-LOADING_MODES = ("bulk", "layer", "prefetch")
 
 
 class LayerLoader:

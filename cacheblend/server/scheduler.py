@@ -212,8 +212,7 @@ class Scheduler:
                 return
             request = job.prepare()
             job.kv, logits, job.stats, store_writes = self.engine.prefill_then_store(request)
-            job.sampler = Sampler(request.sampling, self.engine.config.device,
-                                  tuple(self.engine.eos_ids))
+            job.sampler = Sampler(request.sampling, self.engine.config.device, self.engine.eos_ids)
             job.stopper = StopChecker(self.engine.tokenizer, request.sampling, self.engine.eos_ids)
             token = job.sampler(logits)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its request
@@ -222,10 +221,7 @@ class Scheduler:
         job.first_token = time.perf_counter()
         job.stats.ttft_s = job.first_token - job.started
         going_on = self._advance(job, token)  # the first token goes out before the writes
-        try:
-            store_writes()
-        except Exception:  # the answer stands; the next request recomputes
-            log.exception("storing the KV of a finished prefill failed")
+        store_writes()
         if going_on:
             self._running.append(job)
 
