@@ -81,6 +81,11 @@ class EngineConfig:
     instruction: str = "Read the documents below and answer the question."
     max_new_tokens: int = 64
     loading: str = "bulk"  # bulk | layer | prefetch: see cacheblend.blend.loader
+    # Engine.step(): at most this many requests decode together, and while any are decoding a
+    # prefill advances by at most this many tokens per step (token-layers / layers for a fused
+    # prefill): a long prompt does not stall running streams. See docs/serving.md.
+    max_batch_size: int = 8
+    prefill_step_tokens: int = 256
     blend: BlendConfig = field(default_factory=BlendConfig)
 
     def __post_init__(self) -> None:
@@ -92,6 +97,8 @@ class EngineConfig:
             raise ConfigError("max_new_tokens must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be >= 1")
+        if self.max_batch_size < 1 or self.prefill_step_tokens < 1:
+            raise ConfigError("max_batch_size and prefill_step_tokens must be >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -124,3 +124,37 @@ class StopChecker:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+
+@torch.inference_mode()
+def decode_step(runner, caches: list, tokens: list[int]) -> torch.Tensor:
+    """One decode step for B requests: append each token at its cache's own position (the
+    cache's length) and return logits (B, V).
+
+    The projections, the MLP and the LM head run once over the stacked tokens, so the weights
+    are read once per step for every running request. Attention runs per request against its own
+    cache (``runner.attend``, no mask: a decoded token sees every earlier key), so no row ever
+    sees another request's keys. ``runner`` is a ModelRunner, ``caches`` RequestKVs.
+    """
+    assert caches and len(caches) == len(tokens), (len(caches), len(tokens))
+    device = caches[0].keys.device
+    lengths = [cache.length for cache in caches]
+    for cache, length in zip(caches, lengths):
+        assert length < cache.capacity, (length, cache.capacity)
+    ids = torch.tensor(tokens, device=device)  # (B,)
+    positions = torch.tensor(lengths, device=device)  # (B,)
+    hidden = runner.embed(ids)  # (B, D)
+    for index in range(runner.num_layers):
+        q, k, v = runner.project_qkv(index, hidden)  # q (H, B, hd); k, v (KV, B, hd)
+        q = runner.rope.apply(q, positions)
+        k = runner.rope.apply(k, positions)
+        outputs = []
+        for row, (cache, length) in enumerate(zip(caches, lengths)):
+            cache.keys[index, :, length] = k[:, row]
+            cache.values[index, :, length] = v[:, row]
+            keys, values = cache.layer(index, length + 1)  # (KV, length + 1, hd)
+            outputs.append(runner.attend(q[:, row : row + 1], keys, values))  # (H, 1, hd)
+        hidden = runner.finish_layer(index, hidden, torch.cat(outputs, dim=1))  # (B, D)
+    for cache in caches:
+        cache.length += 1
+    return runner.logits(hidden)  # (B, V)

@@ -1,8 +1,18 @@
-"""Engine: the one place the parts meet. The CLI, the server, the benchmarks and the tests call it.
+"""Engine: the one place the parts meet. The CLI, the server, eval, the benchmarks and the tests
+all drive the same request lifecycle through it.
 
-ingest(documents)  -> precompute each document's KV (after the configured preamble) and store it
-generate(request)  -> segments -> store lookups (misses computed and stored) -> fusion plan for
-                      the request's method -> fused prefill -> decode; with per-request stats
+    add_request(request) -> Sequence        queue a generation (WAITING)
+    submit(fn | slices, background=...)     queue other work (a call; an upload in the background)
+    step()                                  advance everything one turn (below)
+    generate_iter / generate                "add, then step until done"
+    ingest(documents)                       precompute and store documents now
+
+One ``step()`` (as nano-vllm's ``LLMEngine.step``): make the store writes owed by requests whose
+first token went out last step; drop cancelled work; run at most one waiting call; advance
+prefills (admit waiting requests up to ``max_batch_size``; while other requests are decoding, a
+prefill advances by at most ``prefill_step_tokens`` per step, so a long prompt cannot stall their
+streams); run one batched decode step over every running request and finish the ones that
+stopped; and when no live request waits, one slice of background work (a document's precompute).
 """
 
 from __future__ import annotations
@@ -10,99 +20,49 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from cacheblend.blend.chunks import ChunkCache
 from cacheblend.blend.controller import LoadingController
-from cacheblend.blend.fusor import FusionPlan, Fusor
-from cacheblend.blend.loader import CachedSpan
-from cacheblend.blend.select import FirstKSelector, HKVDSelector, UnionSelector, first_k_mask
-from cacheblend.config import METHODS, BlendConfig, EngineConfig
-from cacheblend.decode import Sampler, SamplingParams, StopChecker
+from cacheblend.config import BlendConfig, EngineConfig
+from cacheblend.decode import Sampler, StopChecker, decode_step
 from cacheblend.errors import InvalidRequestError
 from cacheblend.kv import RequestKV
 from cacheblend.model.loader import LoadedModel, load_model
-from cacheblend.model.runner import ModelRunner
+from cacheblend.prefill import Prefiller
 from cacheblend.prompt import PromptBuilder, Segments
-from cacheblend.store.base import ChunkKV, KVStore
+from cacheblend.request import (
+    GenerateRequest,
+    GenerateResult,
+    IngestResult,
+    RequestStats,
+)
+from cacheblend.sequence import Emit, Sequence, Status, Task
+from cacheblend.store.base import KVStore
 from cacheblend.store.factory import open_store
-from cacheblend.store.keys import chunk_key, prefix_key
+
+__all__ = ["Engine", "GenerateRequest", "GenerateResult", "IngestResult", "RequestStats"]
 
 log = logging.getLogger(__name__)
 
-STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float16}
-
 
 @dataclass
-class GenerateRequest:
-    """One request. Either (documents, question) with optional system/instruction overrides,
-    or ready-made ``segments`` (separator mode)."""
+class StepReport:
+    """What one step did (the server's metrics read it)."""
 
-    question: str = ""
-    documents: list[str] = field(default_factory=list)
-    system: str | None = None
-    instruction: str | None = None
-    segments: Segments | None = None
-    method: str | None = None
-    ratio: float | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    decoded: int = 0  # requests in the batched decode step
+    prefill_tokens: float = 0.0  # token-layers / layers computed by prefills
+    background: bool = False  # ran a background slice
 
-
-@dataclass
-class RequestStats:
-    method: str
-    ratio: float | None
-    prompt_tokens: int
-    chunk_tokens: int
-    reused_tokens: int  # positions whose final K/V came from cache
-    recomputed_tokens: int  # cached positions computed again (selected by the fusor)
-    computed_tokens: int  # positions with fresh K/V at the last layer
-    missed_tokens: int  # chunk/prefix tokens with no entry: computed and stored first
-    ttft_s: float
-    prefill_s: float
-    miss_s: float
-    load_s: float = 0.0  # store lookups (read, verify, decode)
-    load_bytes: int = 0
-    requested_method: str = ""
-    controller: str = ""  # the loading controller's reason for what ran
-    decode_s: float = 0.0
-    completion_tokens: int = 0
-    store_s: float = 0.0  # store writes after the first token (prefix entries, fallback misses)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class GenerateResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stats: RequestStats
-    first_logits: torch.Tensor | None = None
-
-
-@dataclass
-class IngestResult:
-    key: str
-    num_tokens: int
-    cached: bool  # already in the store
-
-
-@dataclass
-class _Lookup:
-    """What the store gave for a request's segments."""
-
-    spans: list[CachedSpan] = field(default_factory=list)
-    missed_tokens: int = 0
-    miss_s: float = 0.0
-    load_s: float = 0.0
-    load_bytes: int = 0
-    deferred: list[tuple[int, int]] = field(default_factory=list)  # misses stored after
-    reason: str = ""
+    @property
+    def idle(self) -> bool:
+        return not (self.decoded or self.prefill_tokens or self.background)
 
 
 class Engine:
@@ -114,7 +74,6 @@ class Engine:
         self.loaded = loaded or load_model(self.config.model, self.config.device)
         self.tokenizer = self.loaded.tokenizer
         self.runner = self.loaded.runner()
-        self.fusor = Fusor(self.runner, self.config.loading)
         self.controller = LoadingController(self.runner.num_layers, self.config.blend.min_ratio)
         self.prompts = PromptBuilder(self.tokenizer)
         self.fingerprint = self.loaded.fingerprint
@@ -122,10 +81,24 @@ class Engine:
             store = open_store(self.config.store, model_fingerprint=self.fingerprint,
                                codec=self.config.store_codec)
         self.store = store
+        self.chunks = ChunkCache(self.runner, store, self.fingerprint, self.prompts,
+                                 self.config.store_codec, self.config.device)
+        self.prefiller = Prefiller(self.config, self.runner, self.chunks, self.controller,
+                                   self.segments_for)
+        self.fusor, self.planner = self.prefiller.fusor, self.prefiller.planner
         self.eos_ids = _eos_ids(self.tokenizer, self.loaded.model)
-        self.lock = threading.RLock()  # one model: requests compute one at a time
+        self.lock = threading.RLock()  # one model: one step at a time
+        # Queues, shared with the threads that add work (the server's event loop).
+        self.work_added = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._calls: deque[Task] = deque()
+        self._background: deque[Task] = deque()
+        # Owned by step() (under self.lock).
+        self._prefilling: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._owed: list[Callable[[], None]] = []
 
-    # --- segments ---------------------------------------------------------------------------
+    # --- prompts and keys ---------------------------------------------------------------------
 
     def segments_for(self, request: GenerateRequest) -> Segments:
         if request.segments is not None:
@@ -135,301 +108,269 @@ class Engine:
                        else request.instruction)
         return self.prompts.build(system, instruction, request.documents, request.question)
 
+    def chat_segments(self, messages: list[dict], documents: list[str]) -> Segments:
+        """A chat with documents, with this engine's system prompt and instruction."""
+        return self.prompts.build_chat(messages, documents, self.config.system_prompt,
+                                       self.config.instruction)
+
     def default_prefix(self) -> tuple[int, ...]:
         return self.prompts.build(self.config.system_prompt, self.config.instruction, [], "").prefix
 
     def preamble_for(self, prefix: tuple[int, ...], blend: BlendConfig) -> tuple[int, ...]:
-        """Tokens a chunk is precomputed after; part of the chunk's key."""
-        if blend.precompute == "alone":
-            return ()
-        if blend.precompute == "sink":
-            bos = self.tokenizer.bos_token_id
-            return (bos if bos is not None else 0,)
-        if blend.precompute == "preamble":
-            return self.prompts.template_ids(blend.preamble)
-        return prefix
+        return self.chunks.preamble_for(prefix, blend)
 
-    # --- precompute and store ---------------------------------------------------------------
+    def document_key(self, text: str, blend: BlendConfig | None = None) -> str:
+        """The store key ``ingest`` writes ``text`` under (and the requests that use it read)."""
+        blend = blend or self.config.blend
+        preamble = self.preamble_for(self.default_prefix(), blend)
+        return self.chunks.chunk_key(preamble, self.prompts.chunk_ids(text))
 
-    def _to_entry(self, kv: list[tuple[torch.Tensor, torch.Tensor]], start: int, end: int) -> ChunkKV:
-        dtype = STORE_DTYPES[self.config.store_codec]
-        keys = torch.stack([k[:, start:end] for k, _ in kv]).to(dtype)
-        values = torch.stack([v[:, start:end] for _, v in kv]).to(dtype)
-        return ChunkKV(keys.cpu().contiguous(), values.cpu().contiguous(),
-                       meta={"model": self.fingerprint})
+    def document_tokens(self, text: str, blend: BlendConfig | None = None) -> tuple[int, int]:
+        """(tokens of the document, tokens with its preamble): what ingest computes."""
+        blend = blend or self.config.blend
+        tokens = len(self.prompts.chunk_ids(text))
+        return tokens, tokens + len(self.preamble_for(self.default_prefix(), blend))
 
-    def _precompute(self, preamble: tuple[int, ...], chunk: tuple[int, ...],
-                    blend: BlendConfig) -> ChunkKV:
-        """Compute a chunk after its preamble, store it (and the preamble as a prefix entry)."""
-        ids = torch.tensor(preamble + chunk, dtype=torch.long, device=self.config.device)
-        _, kv = self.runner.prefill(ids, return_kv=True)
-        entry = self._to_entry(kv, len(preamble), len(preamble) + len(chunk))
-        self.store.put(chunk_key(self.fingerprint, preamble, chunk), entry)
-        if preamble and blend.precompute == "prefix":
-            self.store.put(prefix_key(self.fingerprint, (), preamble),
-                           self._to_entry(kv, 0, len(preamble)))
-        return entry
 
-    def _compute_prefix(self, prefix: tuple[int, ...]) -> ChunkKV:
-        """Compute and store the exact KV of the prefix at position 0."""
-        ids = torch.tensor(prefix, dtype=torch.long, device=self.config.device)
-        _, kv = self.runner.prefill(ids, return_kv=True)
-        entry = self._to_entry(kv, 0, len(prefix))
-        self.store.put(prefix_key(self.fingerprint, (), prefix), entry)
-        return entry
+    # --- ingest -------------------------------------------------------------------------------
 
     def ingest(self, documents: list[str], progress: bool = True,
                blend: BlendConfig | None = None) -> list[IngestResult]:
-        """Precompute and store every document's KV (skipping those already stored)."""
+        """Precompute and store every document's KV now (skipping those already stored)."""
+        slices = self.ingest_slices(documents, blend)
+        with tqdm(total=len(documents), desc="ingest", unit="doc", disable=not progress) as bar:
+            while True:
+                with self.lock, torch.inference_mode():
+                    try:
+                        next(slices)
+                    except StopIteration as done:
+                        return done.value
+                bar.update(1)
+
+    def ingest_slices(self, documents: list[str], blend: BlendConfig | None = None):
+        """Ingest as a generator that yields after each document (one background slice each);
+        returns the list of IngestResult. The caller holds the engine's lock around each slice."""
         blend = blend or self.config.blend
-        preamble = self.preamble_for(self.default_prefix(), blend)
+        prefix = self.default_prefix()
+        preamble = self.preamble_for(prefix, blend)
         results = []
-        with self.lock, torch.inference_mode():
-            for text in tqdm(documents, desc="ingest", unit="doc", disable=not progress):
-                chunk = self.prompts.chunk_ids(text)
-                self._check_length(len(preamble) + len(chunk))
-                key = chunk_key(self.fingerprint, preamble, chunk)
-                cached = self.store.get(key) is not None
-                if not cached:
-                    self._precompute(preamble, chunk, blend)
-                results.append(IngestResult(key=key, num_tokens=len(chunk), cached=cached))
-            self.ensure_prefix(self.default_prefix())
+        for text in documents:
+            chunk = self.prompts.chunk_ids(text)
+            self.prefiller.check_length(len(preamble) + len(chunk))
+            key = self.chunks.chunk_key(preamble, chunk)
+            cached = self.store.get(key) is not None
+            if not cached:
+                self.chunks.precompute(preamble, chunk, blend)
+            results.append(IngestResult(key=key, num_tokens=len(chunk), cached=cached))
+            yield
+        self.chunks.ensure_prefix(prefix)
         return results
 
     def ensure_prefix(self, prefix: tuple[int, ...]) -> None:
-        """Store the exact KV of ``prefix`` unless it is stored already."""
-        if prefix and self.store.get(prefix_key(self.fingerprint, (), prefix)) is None:
-            with self.lock, torch.inference_mode():
-                self._compute_prefix(prefix)
-
-    # --- plans --------------------------------------------------------------------------------
-
-    def _probe(self, segments: Segments, preamble: tuple[int, ...]) -> tuple[list, _Lookup]:
-        """Look up the prefix and every chunk; None where missing. Timed for the controller."""
-        lookup = _Lookup()
-        start = time.perf_counter()
-        keys = [prefix_key(self.fingerprint, (), segments.prefix)] if segments.prefix else []
-        keys += [chunk_key(self.fingerprint, preamble, c) for c in segments.chunks]
-        entries = [self.store.get(key) for key in keys]
-        lookup.load_s = time.perf_counter() - start
-        lookup.load_bytes = sum(e.nbytes for e in entries if e is not None)
-        self.controller.observe_load(lookup.load_bytes, lookup.load_s)
-        if not segments.prefix:
-            entries.insert(0, None)
-        return entries, lookup
-
-    def _lookup_chunks(self, segments: Segments, method: str, blend: BlendConfig):
-        """Entries for the prefix and every chunk (misses computed and stored first), unless
-        the controller finds a full prefill cheaper: then (None, lookup, decision)."""
-        preamble = self.preamble_for(segments.prefix, blend)
-        entries, lookup = self._probe(segments, preamble)
-        missed = [i for i, e in enumerate(entries[1:]) if e is None]
-        chunk_tokens = sum(len(c) for c in segments.chunks)
-        lookup.missed_tokens = sum(len(segments.chunks[i]) for i in missed)
-        decision = self.controller.decide(
-            method, blend.ratio, blend.check_layers[0], chunk_tokens, lookup.missed_tokens,
-            lookup.load_bytes, fallback=blend.fallback)
-        lookup.reason = decision.reason
-        if decision.method == "full":
-            lookup.deferred = [(i, 0) for i in missed]
-            return None, lookup, decision
-        start = time.perf_counter()
-        prefix_entry = entries[0]
-        if prefix_entry is None and segments.prefix:
-            prefix_entry = self._compute_prefix(segments.prefix)
-            lookup.missed_tokens += len(segments.prefix)
-        if prefix_entry is not None:
-            lookup.spans.append(CachedSpan(0, prefix_entry))
-        for (begin, _), chunk, entry in zip(segments.chunk_spans(), segments.chunks, entries[1:]):
-            if entry is None:
-                entry = self._precompute(preamble, chunk, blend)
-            lookup.spans.append(CachedSpan(begin, entry))
-        lookup.miss_s = time.perf_counter() - start if lookup.missed_tokens else 0.0
-        return lookup.spans, lookup, decision
-
-    def _store_deferred(self, segments: Segments, lookup: _Lookup, blend: BlendConfig) -> None:
-        """Precompute and store what a fallback request missed (after its answer)."""
-        self.ensure_prefix(segments.prefix)
-        preamble = self.preamble_for(segments.prefix, blend)
-        for index, _ in lookup.deferred:
-            self._precompute(preamble, segments.chunks[index], blend)
-
-    def _lookup_prefix_chain(self, segments: Segments) -> list[CachedSpan]:
-        """Longest run of exact prefix entries (prefix, chunk 1, chunk 2, ...) from position 0."""
-        spans, before = [], ()
-        for piece in (segments.prefix, *segments.chunks):
-            if not piece:
-                continue
-            entry = self.store.get(prefix_key(self.fingerprint, before, piece))
-            if entry is None:
-                break
-            spans.append(CachedSpan(len(before), entry))
-            before = before + piece
-        return spans
-
-    def _store_prefix_chain(self, segments: Segments, computed_from: int,
-                            captured: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Store each prefix/chunk segment computed in this request as an exact prefix entry."""
-        ids, start = segments.ids, 0
-        for piece in (segments.prefix, *segments.chunks):
-            end = start + len(piece)
-            if piece and start >= computed_from:
-                entry = self._to_entry(captured, start - computed_from, end - computed_from)
-                self.store.put(prefix_key(self.fingerprint, tuple(ids[:start]), piece), entry)
-            start = end
-
-    def _plan(self, segments: Segments, method: str, blend: BlendConfig):
-        """(FusionPlan, lookup, method that runs, ratio that runs)."""
-        ids = torch.tensor(segments.ids, dtype=torch.long)
-        total = ids.shape[0]
-        suffix_start = total - len(segments.suffix)
-        spans = segments.chunk_spans()
-        if method == "prefix":
-            cached = self._lookup_prefix_chain(segments)
-            start = min(cached[-1].end if cached else 0, total - 1)  # the last token always runs
-            plan = FusionPlan(ids, torch.arange(start, total), cached, spans, capture=True)
-            return plan, _Lookup(spans=cached), method, None
-        if method == "full":
-            return FusionPlan(ids, torch.arange(total)), _Lookup(), method, None
-        cached, lookup, decision = self._lookup_chunks(segments, method, blend)
-        if cached is None:  # the controller's fallback
-            return FusionPlan(ids, torch.arange(total)), lookup, "full", None
-        suffix = torch.arange(suffix_start, total)
-        checks = []
-        if method == "reuse":
-            active = suffix
-        elif method == "epic":
-            chunk_positions = torch.cat([torch.arange(s, e) for s, e in spans] or [suffix[:0]])
-            keep = first_k_mask(chunk_positions, spans, blend.epic_k)
-            active = torch.cat([chunk_positions[keep], suffix])
-        else:  # blend
-            active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
-            blend = blend.with_ratio(decision.ratio)
-            for layer, ratio in zip(blend.check_layers, blend.check_ratios):
-                selector = HKVDSelector(ratio)
-                if blend.first_k:
-                    selector = UnionSelector(selector, FirstKSelector(blend.first_k))
-                checks.append((min(layer, self.runner.num_layers - 1), selector))
-        plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation)
-        return plan, lookup, method, decision.ratio if method == "blend" else None
-
-    # --- generate -----------------------------------------------------------------------------
-
-    def _check_length(self, num_tokens: int) -> None:
-        if num_tokens >= self.runner.max_positions:
-            raise InvalidRequestError(
-                f"prompt has {num_tokens} tokens; the model allows at most "
-                f"{self.runner.max_positions - 1} plus generated tokens"
-            )
-
-    def _resolve(self, request: GenerateRequest) -> tuple[str, BlendConfig]:
-        method = request.method or self.config.blend.method
-        if method not in METHODS:
-            raise InvalidRequestError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        blend = self.config.blend
-        if request.ratio is not None:
-            if not 0.0 <= request.ratio <= 1.0:
-                raise InvalidRequestError(f"ratio must lie in [0, 1], got {request.ratio}")
-            blend = blend.with_ratio(request.ratio)
-        return method, blend
-
-    def prefill(self, request: GenerateRequest) -> tuple[RequestKV, torch.Tensor, RequestStats]:
-        """Fused prefill only: (request KV, last-position logits, stats without decode). The
-        store writes the request owes are done before it returns."""
-        kv, logits, stats, store_writes = self.prefill_then_store(request)
-        store_writes()
-        return kv, logits, stats
-
-    def prefill_then_store(self, request: GenerateRequest
-                           ) -> tuple[RequestKV, torch.Tensor, RequestStats, Callable[[], None]]:
-        """As ``prefill``, but the store writes this request owes (its exact-prefix entries,
-        chunks a fallback request missed) come back as a call to make once the first token is
-        out: they are not part of the time to first token."""
-        method, blend = self._resolve(request)
-        segments = self.segments_for(request)
-        total = segments.num_tokens
-        if total == 0:
-            raise InvalidRequestError("the prompt is empty")
-        self._check_length(total)
-        start = time.perf_counter()
         with self.lock, torch.inference_mode():
-            plan, lookup, ran, ratio = self._plan(segments, method, blend)
-            capacity = min(self.runner.max_positions, total + request.sampling.max_tokens)
-            kv = RequestKV(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim,
-                           capacity, self.config.device)
-            fusion_start = time.perf_counter()
-            result = self.fusor.run(plan, kv)
-            self.controller.observe_compute(sum(result.active_per_layer),
-                                            time.perf_counter() - fusion_start)
-            elapsed = time.perf_counter() - start
-        cached_rows = torch.zeros(total, dtype=torch.bool)
-        for span in plan.cached:
-            cached_rows[span.start : span.end] = True
-        computed = int(result.computed.shape[0])
-        stats = RequestStats(
-            method=ran,
-            ratio=ratio,
-            prompt_tokens=total,
-            chunk_tokens=sum(len(c) for c in segments.chunks),
-            reused_tokens=total - computed,
-            recomputed_tokens=int(cached_rows[result.computed.cpu()].sum()),
-            computed_tokens=computed,
-            missed_tokens=lookup.missed_tokens,
-            ttft_s=elapsed,
-            prefill_s=elapsed - lookup.miss_s,
-            miss_s=lookup.miss_s,
-            load_s=lookup.load_s,
-            load_bytes=lookup.load_bytes,
-            requested_method=method,
-            controller=lookup.reason,
-        )
+            self.chunks.ensure_prefix(prefix)
 
-        def store_writes() -> None:
-            store_start = time.perf_counter()
+    # --- adding work --------------------------------------------------------------------------
+
+    def add_request(self, request: GenerateRequest, emit: Emit | None = None) -> Sequence:
+        """Queue a generation; its events go to ``emit`` (or the sequence's outbox)."""
+        return self._add(self._waiting, Sequence(request, emit))
+
+    def submit(self, fn: Callable[[], Any] | None = None, *, slices=None,
+               background: bool = False, emit: Emit | None = None) -> Task:
+        """Queue a call (``fn``, run whole) or, in the background lane, ``slices`` (a generator
+        run one slice per step while no live request waits)."""
+        task = Task(fn=fn, slices=slices, emit=emit, background=background)
+        return self._add(self._background if background else self._calls, task)
+
+    def _add(self, queue: deque, item):
+        with self.work_added:
+            queue.append(item)
+            self.work_added.notify_all()
+        return item
+
+    def abort(self, item: Sequence | Task) -> None:
+        """Cancel a request or task wherever it is; it is dropped at the next step."""
+        item.cancelled = True
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + len(self._calls) + len(self._prefilling)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_background(self) -> int:
+        return len(self._background)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._calls or self._background or self._prefilling
+                    or self._running or self._owed)
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def step(self, max_batch_size: int | None = None) -> StepReport:
+        """Advance every request and task one turn (see the module docstring)."""
+        report = StepReport()
+        limit = max_batch_size or self.config.max_batch_size
+        with self.lock, torch.inference_mode():
+            self.flush_store_writes()
+            self._drop_cancelled()
+            if self._calls:
+                with self.work_added:
+                    task = self._calls.popleft() if self._calls else None
+                if task is not None:
+                    self._run_call(task)
+            self._prefill_turn(limit, report)
+            if self._running:
+                self._decode(report)
+            if self._background and not self._waiting and not self._prefilling:
+                self._background_slice(report)
+        return report
+
+    def flush_store_writes(self) -> None:
+        """Make the store writes owed by requests whose first token is out."""
+        owed, self._owed = self._owed, []
+        for write in owed:
+            with self.lock, torch.inference_mode():
+                write()
+
+    def _drop_cancelled(self) -> None:
+        with self.work_added:
+            for queue in (self._waiting, self._calls, self._background):
+                for item in [i for i in queue if i.cancelled]:
+                    queue.remove(item)
+                    if isinstance(item, Task) and item.slices is not None:
+                        item.slices.close()
+        for group in (self._prefilling, self._running):
+            for seq in [s for s in group if s.cancelled]:
+                group.remove(seq)
+                seq.finish("error", InvalidRequestError("the request was cancelled"))
+
+    def _run_call(self, task: Task) -> None:
+        try:
+            value = task.fn()
+        except Exception as exc:  # noqa: BLE001 - the failure goes back to its caller
+            task.send("error", exc)
+            return
+        task.send("done", value)
+
+    def _background_slice(self, report: StepReport) -> None:
+        task = self._background[0]
+        report.background = True
+        try:
+            next(task.slices)
+            return
+        except StopIteration as done:
+            task.send("done", done.value)
+        except Exception as exc:  # noqa: BLE001
+            task.send("error", exc)
+        with self.work_added:
+            self._background.remove(task)
+
+    def _prefill_turn(self, limit: int, report: StepReport) -> None:
+        """Admit waiting requests and advance prefills; bounded per step while others decode."""
+        while True:
+            if not self._prefilling:
+                if not self._waiting or len(self._running) >= limit:
+                    return
+                with self.work_added:
+                    seq = self._waiting.popleft() if self._waiting else None
+                if seq is None:
+                    return
+                if not self.prefiller.start(seq, chunked=bool(self._running)):
+                    continue
+                self._prefilling.append(seq)
+            seq = self._prefilling[0]
+            budget = self.config.prefill_step_tokens if self._running else float("inf")
             try:
-                with self.lock, torch.inference_mode():
-                    if ran == "prefix" and result.captured is not None:
-                        self._store_prefix_chain(segments, int(plan.active[0]), result.captured)
-                    if lookup.deferred:
-                        self._store_deferred(segments, lookup, blend)
-            except Exception:  # the answer stands; a later request recomputes what is missing
-                log.exception("storing the KV a request computed failed")
-            stats.store_s = time.perf_counter() - store_start
+                while report.prefill_tokens < budget:
+                    report.prefill_tokens += next(seq.prefill) / self.runner.num_layers
+            except StopIteration as done:
+                self._prefilling.pop(0)
+                seq.prefill = None
+                self._first_token(seq, done.value)
+                continue
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._prefilling.pop(0)
+                seq.finish("error", exc)
+                continue
+            return  # out of budget for this step
 
-        return kv, result.logits, stats, store_writes
+    def _first_token(self, seq: Sequence, logits: torch.Tensor) -> None:
+        sampling = seq.request.sampling
+        try:
+            seq.sampler = Sampler(sampling, self.config.device, self.eos_ids)
+            seq.stopper = StopChecker(self.tokenizer, sampling, self.eos_ids)
+            token = seq.sampler(logits)
+        except Exception as exc:  # noqa: BLE001
+            seq.finish("error", exc)
+            return
+        seq.first_logits = logits
+        seq.first_token_at = time.perf_counter()
+        seq.stats.ttft_s = seq.first_token_at - seq.started
+        if seq.store_writes is not None:  # made at the next step: after this token is out
+            self._owed.append(seq.store_writes)
+            seq.store_writes = None
+        seq.status = Status.RUNNING
+        if self._advance(seq, token):
+            self._running.append(seq)
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Record a sampled token and send its text; True while the request goes on."""
+        delta = seq.stopper.add(token)
+        if delta:
+            seq.send("delta", delta)
+        if seq.stopper.done or seq.kv.length >= seq.kv.capacity:
+            stats = seq.stats
+            stats.decode_s = time.perf_counter() - seq.first_token_at
+            stats.completion_tokens = len(seq.stopper.tokens)
+            seq.finish("done", seq.result())
+            return False
+        seq.next_token = token
+        return True
+
+    def _decode(self, report: StepReport) -> None:
+        batch = self._running
+        report.decoded = len(batch)
+        try:
+            logits = decode_step(self.runner, [s.kv for s in batch],
+                                 [s.next_token for s in batch])  # (B, V)
+            tokens = [seq.sampler(logits[row]) for row, seq in enumerate(batch)]
+        except Exception as exc:
+            log.exception("decode step failed for %d requests", len(batch))
+            for seq in batch:
+                seq.finish("error", exc)
+            self._running = []
+            return
+        self._running = [seq for seq, token in zip(batch, tokens) if self._advance(seq, token)]
+
+    # --- the synchronous front: add, then step until done -------------------------------------
 
     def generate_iter(self, request: GenerateRequest) -> Iterator[tuple[str, GenerateResult | None]]:
         """Yields (text delta, None) as tokens are produced, then ("", GenerateResult)."""
-        start = time.perf_counter()
-        kv, logits, stats, store_writes = self.prefill_then_store(request)
-        sampler = Sampler(request.sampling, self.config.device, self.eos_ids)
-        stopper = StopChecker(self.tokenizer, request.sampling, self.eos_ids)
-        first_logits = logits
+        seq = self.add_request(request)
         try:
-            with self.lock, torch.inference_mode():
-                token = sampler(logits)
-                stats.ttft_s = time.perf_counter() - start
-                decode_start = time.perf_counter()
-                while True:
-                    delta = stopper.add(token)
-                    if delta:
-                        yield delta, None
-                    if store_writes is not None:  # the first token is out: now store
-                        store_writes()
-                        store_writes = None
-                    if stopper.done:
-                        break
-                    if kv.length >= kv.capacity:
-                        stopper.finish_reason = "length"
-                        break
-                    token = sampler(decode_step(self.runner, kv, token))
-                stats.decode_s = time.perf_counter() - decode_start - stats.store_s
+            while True:
+                while seq.outbox:
+                    kind, value = seq.outbox.popleft()
+                    if kind == "delta":
+                        yield value, None
+                    elif kind == "done":
+                        yield "", value
+                        return
+                    else:
+                        raise value
+                self.step()
         finally:
-            if store_writes is not None:  # the caller stopped reading before the first token
-                store_writes()
-        stats.completion_tokens = len(stopper.tokens)
-        yield "", GenerateResult(stopper.text, stopper.tokens, stopper.finish_reason, stats,
-                                 first_logits)
+            if not seq.finished:
+                self.abort(seq)
+                with self.lock:
+                    self._drop_cancelled()
+            self.flush_store_writes()  # a caller that stopped reading still gets them stored
 
     def generate(self, request: GenerateRequest) -> GenerateResult:
         result = None
@@ -438,30 +379,22 @@ class Engine:
         assert result is not None
         return result
 
-    def with_config(self, **blend_changes) -> Engine:
-        """A view of this engine (same model and store) with other blend settings."""
-        clone = object.__new__(Engine)
-        clone.__dict__.update(self.__dict__)
-        clone.config = replace(self.config, blend=replace(self.config.blend, **blend_changes))
-        return clone
-
-
-@torch.inference_mode()
-def decode_step(runner: ModelRunner, kv: RequestKV, token: int) -> torch.Tensor:
-    """Run one token at position kv.length, append its K/V; returns logits (V,)."""
-    position = kv.length
-    ids = torch.tensor([token], device=kv.keys.device)
-    positions = torch.tensor([position], device=kv.keys.device)
-    hidden = runner.embed(ids)
-    for index in range(runner.num_layers):
-        q, k, v = runner.project_qkv(index, hidden)
-        kv.keys[index, :, position] = runner.rope.apply(k, positions)[:, 0]
-        kv.values[index, :, position] = v[:, 0]
-        keys, values = kv.layer(index, position + 1)
-        hidden = runner.finish_layer(index, hidden, runner.attend(runner.rope.apply(q, positions),
-                                                                  keys, values))
-    kv.length = position + 1
-    return runner.logits(hidden)[0]
+    def prefill(self, request: GenerateRequest) -> tuple[RequestKV, torch.Tensor, RequestStats]:
+        """The fused prefill alone (no sampling): (request KV, last-position logits, stats). The
+        store writes the request owes are made before it returns. Same code path as step()."""
+        seq = Sequence(request)
+        with self.lock, torch.inference_mode():
+            if not self.prefiller.start(seq, chunked=False):
+                raise seq.outbox[-1][1]
+            while True:
+                try:
+                    next(seq.prefill)
+                except StopIteration as done:
+                    logits = done.value
+                    break
+            if seq.store_writes is not None:
+                seq.store_writes()
+        return seq.kv, logits, seq.stats
 
 
 def _eos_ids(tokenizer, model) -> set[int]:

@@ -84,6 +84,21 @@ class PromptBuilder:
         messages.append({"role": "user", "content": user + "Question: " + question})
         return self.build_messages(messages, documents, question_prefix=user)
 
+    def build_chat(self, messages: list[dict], documents: list[str], system: str | None,
+                   instruction: str) -> Segments:
+        """A chat conversation with retrieved documents, laid out as ``build`` lays out a RAG
+        prompt (the system prompt added when the conversation has none; the instruction opening
+        the last user message), so its prefix is the one documents are precomputed after."""
+        if not documents:
+            return self.build_messages(messages, [])
+        conversation = [dict(m) for m in messages]
+        if conversation[0]["role"] != "system" and system:
+            conversation.insert(0, {"role": "system", "content": system})
+        head = f"{instruction}\n\n" if instruction else ""
+        last_user = max(i for i, m in enumerate(conversation) if m["role"] == "user")
+        conversation[last_user]["content"] = head + conversation[last_user]["content"]
+        return self.build_messages(conversation, documents, question_prefix=head)
+
     def build_messages(self, messages: list[dict], documents: list[str],
                        question_prefix: str = "") -> Segments:
         """A chat conversation with documents placed at the start of the last user message,

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import tempfile
+from dataclasses import replace
 
 from cacheblend.commands.common import add_engine_args, engine_config
 from cacheblend.config import LOADING_MODES
@@ -48,6 +49,22 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--pool", type=int, default=None, help="document pool size")
     add_engine_args(serve)
     serve.set_defaults(handler=run_serve)
+
+    stall = kinds.add_parser("stall", help="running streams' inter-token latency while a long "
+                             "prompt prefills, with and without chunked prefill")
+    stall.add_argument("--json", action="store_true")
+    stall.add_argument("--streams", type=int, default=3)
+    stall.add_argument("--prompt-tokens", type=int, default=4096)
+    stall.add_argument("--window", type=float, default=5.0, help="seconds measured alone")
+    add_engine_args(stall)
+    stall.set_defaults(handler=run_stall)
+
+    upload = kinds.add_parser("upload", help="queue wait of a chat sent during a bulk upload")
+    upload.add_argument("--json", action="store_true")
+    upload.add_argument("--docs", type=int, default=16)
+    upload.add_argument("--doc-tokens", type=int, default=512)
+    add_engine_args(upload)
+    upload.set_defaults(handler=run_upload)
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -92,12 +109,13 @@ def run_ttft(args: argparse.Namespace) -> int:
 
     with _store_url(args.store) as url:
         args.store = url
-        engine = Engine(engine_config(args))
+        config = engine_config(args)
         if args.loading:
-            engine.fusor.loading = args.loading
+            config = replace(config, loading=args.loading)
+        engine = Engine(config)
         result = bench_ttft(engine, args.chunks, args.chunk_tokens, args.ratio, args.repeats)
         result["store"] = url.split(":")[0]
-        result["loading"] = engine.fusor.loading
+        result["loading"] = engine.config.loading
         engine.store.close()
     _print(result, args.json)
     return 0
@@ -121,4 +139,21 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.pool:
         options["pool"] = args.pool
     _print(bench_serve(engine_config(args), **options), args.json)
+    return 0
+
+
+def run_stall(args: argparse.Namespace) -> int:
+    from cacheblend.bench.interference import bench_stall
+
+    result = bench_stall(engine_config(args), streams=args.streams,
+                         prompt_tokens=args.prompt_tokens, window=args.window)
+    _print(result, args.json)
+    return 0
+
+
+def run_upload(args: argparse.Namespace) -> int:
+    from cacheblend.bench.interference import bench_upload
+
+    _print(bench_upload(engine_config(args), docs=args.docs, doc_tokens=args.doc_tokens),
+           args.json)
     return 0

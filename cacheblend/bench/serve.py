@@ -3,7 +3,7 @@
 ``bench_serve``: RAG chat requests (``docs`` documents of ``doc_tokens`` tokens each, drawn
 from a pool so that documents recur) arrive as a Poisson process at each rate, for ``full`` and
 ``blend``; reported per method and rate: requests/s completed, TTFT p50/p99 (client side: the
-first streamed token), end-to-end latency, errors. The pool is uploaded first
+first streamed token), inter-token latency p50/p99, end-to-end latency, errors. The pool is uploaded first
 (``POST /v1/documents``), as a RAG deployment precomputes its corpus.
 
 ``bench_batching``: closed-loop clients decoding long answers with ``max_batch_size`` 1 (one
@@ -13,6 +13,7 @@ request at a time) and larger; tokens/s and requests/s, in interleaved rounds.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import statistics
@@ -52,7 +53,7 @@ def percentile(values: list[float], q: float) -> float | None:
 async def _chat(client: httpx.AsyncClient, body: dict) -> dict:
     """One streamed chat request: TTFT and latency seen by the client, tokens, stats."""
     start = time.perf_counter()
-    ttft, stats, tokens = None, {}, 0
+    ttft, stats, tokens, arrivals = None, {}, 0, []
     async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         if r.status_code != 200:
             await r.aread()
@@ -65,8 +66,9 @@ async def _chat(client: httpx.AsyncClient, body: dict) -> dict:
                 return {"error": chunk["error"]["message"]}
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 tokens += 1
+                arrivals.append(time.perf_counter())
                 if ttft is None:
-                    ttft = time.perf_counter() - start
+                    ttft = arrivals[-1] - start
             stats = chunk.get("cacheblend", stats)
     latency = time.perf_counter() - start
     return {
@@ -74,6 +76,8 @@ async def _chat(client: httpx.AsyncClient, body: dict) -> dict:
         "latency": latency,
         "completion_tokens": stats.get("completion_tokens", tokens),
         "stats": stats,
+        "arrivals": arrivals,  # when each streamed chunk came (perf_counter)
+        "itl": [b - a for a, b in itertools.pairwise(arrivals)],  # inter-token latencies
     }
 
 
@@ -81,6 +85,7 @@ def _summary(results: list[dict], elapsed: float) -> dict:
     done = [r for r in results if "error" not in r]
     ttfts = [r["ttft"] for r in done]
     latencies = [r["latency"] for r in done]
+    itls = [gap for r in done for gap in r["itl"]]
     return {
         "requests": len(results),
         "completed": len(done),
@@ -92,6 +97,8 @@ def _summary(results: list[dict], elapsed: float) -> dict:
         else None,
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p99_s": percentile(ttfts, 99),
+        "itl_p50_s": percentile(itls, 50),
+        "itl_p99_s": percentile(itls, 99),
         "latency_p50_s": percentile(latencies, 50),
         "latency_p99_s": percentile(latencies, 99),
         "missed_tokens": sum(r["stats"].get("missed_tokens", 0) for r in done),
@@ -164,7 +171,7 @@ def bench_serve(
     seed: int = 0,
     loaded=None,
 ) -> dict:
-    """Requests/s and TTFT p50/p99 under Poisson arrivals, per method and rate (see module)."""
+    """Requests/s, TTFT and inter-token latency p50/p99 under Poisson arrivals, per method and rate (see module)."""
     engine = _engine(config, loaded)
     pool = pool or 4 * docs
     if pool < docs:

@@ -18,6 +18,7 @@ cached, chunks + suffix active, narrowed at the check layers.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -37,12 +38,14 @@ class FusionPlan:
     checks: list[tuple[int, Selector]] = field(default_factory=list)
     deviation: str = "k"
     capture: bool = False  # record pre-RoPE K/V of active rows (plans without checks only)
+    resident: int = 0  # rows [0, resident) are in the request KV already (an earlier slice)
 
     def __post_init__(self) -> None:
         total = self.ids.shape[0]
         assert self.active.numel() > 0 and int(self.active[-1]) == total - 1, "suffix must run"
         assert not (self.capture and self.checks), "capture needs a fixed active set"
         covered = torch.zeros(total, dtype=torch.bool)
+        covered[: self.resident] = True
         for span in self.cached:
             covered[span.start : span.end] = True
         covered[self.active] = True
@@ -51,6 +54,23 @@ class FusionPlan:
     @property
     def num_chunk_tokens(self) -> int:
         return sum(e - s for s, e in self.chunk_spans)
+
+    def token_slices(self, size: int) -> list[FusionPlan]:
+        """A plain plan (no checks, its active rows one contiguous tail) split into plans of at
+        most ``size`` active rows each, run in order: chunked prefill. Slice j computes rows
+        [a, b) at positions a..b-1 against rows [0, b) (earlier slices' rows are resident),
+        which is exactly what the whole plan computes for those rows."""
+        start, total = int(self.active[0]), self.ids.shape[0]
+        if self.checks or size >= total - start or total - start != self.active.numel():
+            return [self]
+        slices = []
+        for begin in range(start, total, size):
+            end = min(begin + size, total)
+            slices.append(FusionPlan(
+                self.ids[:end], torch.arange(begin, end),
+                self.cached if begin == start else [], self.chunk_spans, capture=self.capture,
+                resident=self.resident if begin == start else begin))
+        return slices
 
 
 @dataclass
@@ -70,19 +90,31 @@ def _in_chunks(positions: torch.Tensor, spans: list[tuple[int, int]]) -> torch.T
 
 
 class Fusor:
-    def __init__(self, runner: ModelRunner, loading: str = "bulk") -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.loading = loading  # cacheblend.config.LOADING_MODES
+
+    def run(self, plan: FusionPlan, kv: RequestKV, loading: str = "bulk") -> FusionResult:
+        """Run every layer of ``plan``; ``loading`` is one of cacheblend.config.LOADING_MODES."""
+        layers = self.layers(plan, kv, loading)
+        while True:
+            try:
+                next(layers)
+            except StopIteration as done:
+                return done.value
 
     @torch.inference_mode()
-    def run(self, plan: FusionPlan, kv: RequestKV) -> FusionResult:
+    def layers(self, plan: FusionPlan, kv: RequestKV, loading: str = "bulk"
+               ) -> Generator[int, None, FusionResult]:
+        """The layer loop as a generator: yields the number of tokens each layer computed, so a
+        caller can interleave other work between layers (chunked prefill); returns the result.
+        A caller that stops early must ``close()`` it (the loader's prefetch is joined)."""
         runner, rope = self.runner, self.runner.rope
         total = plan.ids.shape[0]
         assert kv.capacity >= total
         positions = plan.active.to(kv.keys.device)
         hidden = runner.embed(plan.ids.to(kv.keys.device)[positions])  # (n, D)
         checks = dict(plan.checks)
-        loader = LayerLoader(plan.cached, rope, kv, mode=self.loading)
+        loader = LayerLoader(plan.cached, rope, kv, mode=loading)
         cached_rows = torch.zeros(total, dtype=torch.bool)
         for span in plan.cached:
             cached_rows[span.start : span.end] = True
@@ -123,9 +155,10 @@ class Fusor:
                 else:  # exact causal mask: query at p sees keys at positions <= p
                     attn = runner.attend_at(q, layer_keys, layer_values, positions)
                 hidden = runner.finish_layer(index, hidden, attn)
+                yield active_per_layer[-1]
         finally:
             loader.close()
-        kv.length = total
+        kv.length = max(kv.length, total)
         return FusionResult(
             logits=runner.logits(hidden[-1:])[0],
             computed=computed,

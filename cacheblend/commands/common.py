@@ -14,6 +14,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--device", help="torch device (default cpu)")
     parser.add_argument("--threads", type=int, help="torch threads")
+    parser.add_argument("--prefill-step-tokens", type=int,
+                        help="while requests decode, a prefill advances at most this many "
+                        "tokens per engine step (chunked prefill; default 256)")
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +31,7 @@ def engine_config(args: argparse.Namespace, **blend) -> EngineConfig:
         store=args.store,
         device=args.device,
         threads=args.threads,
+        prefill_step_tokens=args.prefill_step_tokens,
         blend={k: v for k, v in blend.items() if v is not None},
     )
 

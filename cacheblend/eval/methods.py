@@ -17,8 +17,9 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
 Examples: ``blend@0.05``, ``blend-v@0.15``, ``blend-kv``, ``blend-gradual``,
 ``blend@0.15:L1=0.3,L4``, ``blend+first16``, ``epic@32``, ``reuse/sink``.
 
-A spec turns into (engine method, BlendConfig changes); ``MethodSpec.engine_for(engine)`` is
-the engine view that serves it.
+A spec turns into (engine method, BlendConfig); ``MethodSpec.request_blend(engine)`` is the
+BlendConfig a request carries to be served that way (a per-request setting: the engine itself
+is never changed).
 """
 
 from __future__ import annotations
@@ -79,13 +80,9 @@ class MethodSpec:
             config = config.with_ratio(self.ratio)
         return config
 
-    def engine_for(self, engine):
-        """The engine view (same model and store) that serves this spec."""
-        config = self.blend_config(engine.config.blend)
-        changes = {name: getattr(config, name) for name in
-                   ("check_layers", "check_ratios", "deviation", "first_k", "epic_k",
-                    "precompute")}
-        return engine.with_config(**changes)
+    def request_blend(self, engine) -> BlendConfig:
+        """The BlendConfig a request carries to be served as this spec."""
+        return self.blend_config(engine.config.blend)
 
 
 _MODIFIER = re.compile(r"(-kv|-k|-v|-gradual|\+first\d+|@[0-9.]+)")

@@ -31,6 +31,7 @@ from statistics import mean, median
 import torch
 from tqdm import tqdm
 
+from cacheblend.config import BlendConfig
 from cacheblend.decode import SamplingParams
 from cacheblend.engine import Engine, GenerateRequest, GenerateResult
 from cacheblend.eval.datasets import TASK_METRIC, Example, LoadedDataset
@@ -186,9 +187,9 @@ def warm_up(engine: Engine) -> None:
     _WARM_MODELS.add(engine.loaded.model)
 
 
-def _request(segments: Segments, method: str, max_tokens: int,
-             min_tokens: int = 0) -> GenerateRequest:
-    return GenerateRequest(segments=segments, method=method, sampling=SamplingParams(
+def _request(segments: Segments, method: str, max_tokens: int, min_tokens: int = 0,
+             blend: BlendConfig | None = None) -> GenerateRequest:
+    return GenerateRequest(segments=segments, method=method, blend=blend, sampling=SamplingParams(
         max_tokens=max_tokens, temperature=0.0, min_tokens=min(min_tokens, max_tokens)))
 
 
@@ -265,16 +266,16 @@ def evaluate_example(engine: Engine, example: Example, plan: EvalPlan, results: 
 
     # Precompute the chunks (per precompute mode) and the system prefix before anything is
     # timed: in serving, both were stored by earlier requests.
-    views = {spec.label: spec.engine_for(engine) for spec in pending}
+    blends = {spec.label: spec.request_blend(engine) for spec in pending}
     modes = {}
     for spec in pending:
         if spec.uses_chunks:
-            modes.setdefault(views[spec.label].config.blend.precompute, views[spec.label])
+            modes.setdefault(blends[spec.label].precompute, blends[spec.label])
     if not modes and any(spec.method == "prefix" for spec in pending):
-        modes[engine.config.blend.precompute] = engine  # stores the shared system prefix
-    for mode, view in modes.items():
+        modes[engine.config.blend.precompute] = None  # stores the shared system prefix
+    for mode, blend in modes.items():
         note(f"precompute/{mode}")
-        view.generate(_request(segments, "reuse", 1))
+        engine.generate(_request(segments, "reuse", 1, blend=blend))
 
     full_spec = plan.specs[0]
     full_row = results.get(example.id, full_spec.label)
@@ -299,8 +300,8 @@ def evaluate_example(engine: Engine, example: Example, plan: EvalPlan, results: 
         note(spec.label)
         decode = spec.label in plan.decode
         request = _request(segments, spec.method, plan.max_tokens if decode else 1,
-                           plan.min_tokens)
-        result = generate_hit(views[spec.label], request)
+                           plan.min_tokens, blend=blends[spec.label])
+        result = generate_hit(engine, request)
         results.append(_row(example, spec, result, reference, decode, full_answer))
 
 

@@ -79,10 +79,10 @@ def _request(documents: list[str], method: str) -> GenerateRequest:
 
 def _prefix_ttft(engine: Engine, documents: list[str]) -> float:
     """TTFT of a prefix-cache request whose system prefix is cached and chunks are not."""
-    view = engine.with_config()
-    view.store = MemoryStore()  # only this request's entries; the shared store is untouched
-    view.generate(_request([], "prefix"))  # caches the system prefix
-    return view.generate(_request(documents, "prefix")).stats.ttft_s
+    # A fresh store holds only this request's entries; the shared store is untouched.
+    alone = Engine(engine.config, store=MemoryStore(), loaded=engine.loaded)
+    alone.generate(_request([], "prefix"))  # caches the system prefix
+    return alone.generate(_request(documents, "prefix")).stats.ttft_s
 
 
 def _hf_ttft(engine: Engine, ids: list[int]) -> float:
@@ -189,9 +189,9 @@ def _timer(engine: Engine, label: str, specs: list[MethodSpec], documents: list[
     if label == "llama_cpp":
         return lambda: llama.ttft(ids)
     spec = next(s for s in specs if s.label == label)
-    view = spec.engine_for(engine)
     if spec.method == "prefix":
-        return lambda: _prefix_ttft(view, documents)
+        return lambda: _prefix_ttft(engine, documents)
     request = _request(documents, spec.method)
+    request.blend = spec.request_blend(engine)
     # the warm-up round stores the chunks for reuse / blend / epic; later rounds hit them
-    return lambda: generate_hit(view, request).stats.ttft_s
+    return lambda: generate_hit(engine, request).stats.ttft_s

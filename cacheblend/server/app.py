@@ -49,7 +49,6 @@ from cacheblend.server.protocol import (
 from cacheblend.server.responses import ClientGone, collect, respond
 from cacheblend.server.scheduler import Job, QueueFullError, Scheduler, SchedulerStopped
 from cacheblend.server.settings import ServerSettings
-from cacheblend.store.keys import chunk_key
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
 ENDPOINTS = {
@@ -100,8 +99,14 @@ def create_app(
     app.add_middleware(RequestCounter, metrics=metrics, endpoints=ENDPOINTS)
 
     def submit(fn, call: bool = False) -> Job:
+        return admit(scheduler.submit_call if call else scheduler.submit, fn)
+
+    def submit_background(slices) -> Job:
+        return admit(scheduler.submit_background, slices)
+
+    def admit(submit_to, work) -> Job:
         try:
-            return scheduler.submit_call(fn) if call else scheduler.submit(fn)
+            return submit_to(work)
         except QueueFullError as exc:
             raise ApiError(
                 429,
@@ -110,7 +115,8 @@ def create_app(
                 headers={"Retry-After": "1"},
             ) from exc
         except SchedulerStopped as exc:
-            raise ApiError(503, str(exc), code="shutting_down") from exc
+            raise ApiError(503, str(exc), code="shutting_down",
+                           headers={"Retry-After": str(settings.retry_after_s)}) from exc
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -243,13 +249,12 @@ def create_app(
                 param=f"documents[{index}]",
                 code="document_too_long",
             )
-        jobs = [
-            submit(lambda text=text: engine.ingest([text], progress=False)[0], True)
-            for _, text in items
-        ]
+        # Bulk precompute runs in the engine's background lane, one document per step between
+        # live steps: a chat sent during an upload waits for one document at most.
+        job = submit_background(engine.ingest_slices([text for _, text in items]))
+        results = await _wait(job)
         data = []
-        for (doc_id, text), job in zip(items, jobs):
-            result = await _wait(job)
+        for (doc_id, text), result in zip(items, results):
             try:
                 await registry_call(
                     registry.put, doc_id, StoredDocument(text=text, num_tokens=result.num_tokens)
@@ -278,13 +283,18 @@ def create_app(
                 code="document_not_found",
             )
         await registry_call(registry.delete, document_id)
-        await _wait(submit(lambda: engine.store.delete(_key(engine, stored.text)), True))
+        await _wait(submit(lambda: engine.store.delete(engine.document_key(stored.text)), True))
         return {"id": document_id, "object": "document", "deleted": True}
 
     # --- operations ---------------------------------------------------------------------------
 
     @app.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
     async def health() -> Response:
+        if scheduler.draining:
+            return JSONResponse(
+                {"status": "draining", "model": model_name,
+                 "queue_length": scheduler.queue_length, "running": scheduler.running},
+                status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
         if not scheduler.healthy:
             raise ApiError(503, "the scheduler thread has stopped", code="unhealthy")
         return JSONResponse(
@@ -315,14 +325,8 @@ async def _wait(job: Job):
 
 def _too_long(engine: Engine, items: list[tuple[str, str]]) -> tuple[int, int] | None:
     """(index, tokens) of the first document too long to precompute, else None."""
-    preamble = engine.preamble_for(engine.default_prefix(), engine.config.blend)
     for index, (_, text) in enumerate(items):
-        tokens = len(engine.prompts.chunk_ids(text))
-        if len(preamble) + tokens >= engine.runner.max_positions:
+        tokens, with_preamble = engine.document_tokens(text)
+        if with_preamble >= engine.runner.max_positions:
             return index, tokens
     return None
-
-
-def _key(engine: Engine, text: str) -> str:
-    preamble = engine.preamble_for(engine.default_prefix(), engine.config.blend)
-    return chunk_key(engine.fingerprint, preamble, engine.prompts.chunk_ids(text))

@@ -77,6 +77,13 @@ def add_parser(subparsers) -> None:
         default=defaults.max_tokens_limit,
         help=f"largest max_tokens a request may ask (default {defaults.max_tokens_limit})",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=defaults.drain_timeout_s,
+        help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are "
+        f"cancelled (default {defaults.drain_timeout_s:g})",
+    )
     parser.add_argument("--served-model-name", help="model id clients use (default: the model's)")
     parser.set_defaults(handler=run)
 
@@ -95,6 +102,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         max_tokens_limit=args.max_tokens_limit,
+        drain_timeout_s=args.drain_timeout,
     )
 
 
@@ -114,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn  # the server extra: only needed here
 
     from cacheblend.server.app import create_app
+    from cacheblend.server.drain import DrainingServer
 
     settings = settings_from_args(args)  # validate flags before loading the model
     engine = make_engine(args)
@@ -129,11 +138,8 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        timeout_graceful_shutdown=5,
-    )
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.scheduler, settings.drain_timeout_s).run()
+    print("cacheblend: stopped", file=sys.stderr, flush=True)
     return 0

@@ -92,20 +92,10 @@ def prepare_chat(
     sampling = sampling_params(
         body, settings, engine, body.max_completion_tokens or body.max_tokens
     )
-    prompts, config = engine.prompts, engine.config
-
     def build() -> Segments:
         if split:
-            return prompts.split_by_separator(prompts.render(messages), separator)
-        if not documents:
-            return prompts.build_messages(messages, [])
-        conversation = [dict(m) for m in messages]
-        if conversation[0]["role"] != "system" and config.system_prompt:
-            conversation.insert(0, {"role": "system", "content": config.system_prompt})
-        head = f"{config.instruction}\n\n" if config.instruction else ""
-        last_user = max(i for i, m in enumerate(conversation) if m["role"] == "user")
-        conversation[last_user]["content"] = head + conversation[last_user]["content"]
-        return prompts.build_messages(conversation, documents, question_prefix=head)
+            return engine.prompts.split_by_separator(engine.prompts.render(messages), separator)
+        return engine.chat_segments(messages, documents)
 
     def prepare() -> GenerateRequest:
         return GenerateRequest(

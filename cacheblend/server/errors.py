@@ -78,7 +78,7 @@ def as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, CacheBlendError):
         return ApiError(400, str(exc), code="invalid_request")
     if isinstance(exc, SchedulerStopped):
-        return ApiError(503, str(exc), code="shutting_down")
+        return ApiError(503, str(exc), code="shutting_down", headers={"Retry-After": "5"})
     log.error("internal error", exc_info=(type(exc), exc, exc.__traceback__))
     return ApiError(500, "internal server error", code="internal_error")
 

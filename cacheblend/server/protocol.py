@@ -231,7 +231,7 @@ class DocumentDeleted(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "draining"]
     model: str
     queue_length: int
     running: int

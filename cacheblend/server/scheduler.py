@@ -1,15 +1,13 @@
-"""The request queue in front of the one model.
+"""The server's side of the engine's lifecycle: one worker thread and the asyncio bridge.
 
-One worker thread owns the model. Each turn it starts at most one waiting job (a generation's
-prefill and first token, or a call such as an ingest), then runs one decode step for every
-running generation together (``decode_batch``: the weights are read once per step for all of
-them). ``max_batch_size=1`` runs requests strictly one after another.
+The worker thread owns the model: it calls ``Engine.step()`` while the engine has work and
+sleeps on the engine's condition otherwise. Everything about a request's life (admission,
+chunked prefill, batched decode, stopping, store writes after the first token, the background
+lane for uploads) is the engine's; this module only carries events back to the event loop.
 
-Jobs talk to the asyncio side through an ``asyncio.Queue`` per job: ``("delta", text)``,
-then ``("done", GenerateResult | value)`` or ``("error", exception)``. Cancelling a job (its
-client left) drops it from the queue, or from the running batch at the next step, which frees
-its KV cache. Each running request has its own ``RequestKV``, ``Sampler`` (its own RNG) and
-``StopChecker``: nothing is shared between requests but the weights.
+Each job gets an ``asyncio.Queue``: ``("delta", text)``, then ``("done", (GenerateResult,
+queue_s))`` or ``("done", value)`` for a call, or ``("error", exception)``. Cancelling a job (its
+client left) aborts its sequence; the engine drops it, and frees its KV, at the next step.
 """
 
 from __future__ import annotations
@@ -18,17 +16,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from cacheblend.decode import Sampler, StopChecker
-from cacheblend.engine import Engine, GenerateRequest, GenerateResult, RequestStats
-from cacheblend.kv import RequestKV
-from cacheblend.server.batching import decode_batch
+from cacheblend.engine import Engine, GenerateRequest
+from cacheblend.sequence import Sequence, Task
 from cacheblend.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -39,41 +34,27 @@ class QueueFullError(Exception):
 
 
 class SchedulerStopped(Exception):
-    """The server is shutting down."""
+    """The server is shutting down (or draining) and admits no new work."""
 
 
 @dataclass(eq=False)
 class Job:
-    """One unit of work and the channel back to the request handler.
-
-    ``prepare`` runs in the worker (it tokenizes: the tokenizer is only ever used from that
-    thread) and returns the GenerateRequest; ``call`` jobs run ``fn`` and send its value.
-    """
+    """One request's channel back to its handler, and its place in the engine."""
 
     loop: asyncio.AbstractEventLoop
-    prepare: Callable[[], GenerateRequest] | None = None
-    fn: Callable[[], Any] | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     created: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
+    item: Sequence | Task | None = None
     finished: bool = False
-    # generation state, owned by the worker thread
-    kv: RequestKV | None = None
-    sampler: Sampler | None = None
-    stopper: StopChecker | None = None
-    stats: RequestStats | None = None
-    next_token: int = 0
-    started: float = 0.0
-    first_token: float = 0.0
+    cancelled: bool = False
 
     def send(self, kind: str, value: Any) -> None:
+        if kind in ("done", "error"):
+            self.finished = True
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancelled = True
-
-    def release(self) -> None:
-        self.kv = self.sampler = self.stopper = None
 
 
 class Scheduler:
@@ -88,10 +69,9 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics
-        self._pending: deque[Job] = deque()
-        self._running: list[Job] = []
-        self._cond = threading.Condition()
+        self._jobs: set[Job] = set()  # not finished yet
         self._stopping = False
+        self.draining = False
         self._thread: threading.Thread | None = None
         if metrics is not None:
             metrics.watch_queue(lambda: self.queue_length, lambda: self.running)
@@ -100,11 +80,15 @@ class Scheduler:
 
     @property
     def queue_length(self) -> int:
-        return len(self._pending)
+        return self.engine.num_waiting
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return self.engine.num_running
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
 
     @property
     def healthy(self) -> bool:
@@ -112,34 +96,74 @@ class Scheduler:
         return self._thread is None or (self._thread.is_alive() and not self._stopping)
 
     def submit(self, prepare: Callable[[], GenerateRequest]) -> Job:
-        return self._enqueue(Job(asyncio.get_running_loop(), prepare=prepare))
+        """A generation; ``prepare`` (it tokenizes) runs on the worker thread, in a call."""
+        job = self._job()
+
+        def add() -> None:
+            request = prepare()
+            if not job.cancelled:
+                job.item = self.engine.add_request(request, emit=self._emit(job, True))
+
+        def failed(kind: str, value: Any) -> None:
+            if kind == "error":
+                self._emit(job, True)(kind, value)
+
+        job.item = self.engine.submit(add, emit=failed)
+        return job
 
     def submit_call(self, fn: Callable[[], Any]) -> Job:
-        return self._enqueue(Job(asyncio.get_running_loop(), fn=fn))
+        """A quick call (a lookup, a delete) that needs the worker thread."""
+        job = self._job()
+        job.item = self.engine.submit(fn, emit=self._emit(job, False))
+        return job
 
-    def _enqueue(self, job: Job) -> Job:
-        with self._cond:
-            if self._stopping:
-                raise SchedulerStopped("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFullError(f"{len(self._pending)} requests are waiting already")
-            self._pending.append(job)
-            self._cond.notify()
+    def submit_background(self, slices: Generator[None, None, Any]) -> Job:
+        """Bulk work (an upload's precompute), one slice per step while no live request waits."""
+        job = self._job()
+        job.item = self.engine.submit(slices=slices, background=True,
+                                      emit=self._emit(job, False))
+        return job
+
+    def _job(self) -> Job:
+        if self._stopping or self.draining:
+            raise SchedulerStopped("the server is shutting down; retry on another replica")
+        if self.engine.num_waiting >= self.max_queue:
+            raise QueueFullError(f"{self.engine.num_waiting} requests are waiting already")
+        job = Job(asyncio.get_running_loop())
+        self._jobs.add(job)
         self.start()
         return job
 
+    def _emit(self, job: Job, generation: bool):
+        def emit(kind: str, value: Any) -> None:
+            if kind == "done" and generation:
+                self._observe(job, value)
+                value = (value, value.stats.queue_s)
+            if kind in ("done", "error"):
+                self._jobs.discard(job)
+            job.send(kind, value)
+        return emit
+
+    def _observe(self, job: Job, result) -> None:
+        if self.metrics is None:
+            return
+        stats = result.stats
+        now = time.perf_counter()
+        first_token = job.created + stats.queue_s + stats.ttft_s
+        self.metrics.observe_request(stats.to_dict(), stats.queue_s, first_token - job.created,
+                                     now - job.created)
+
     def cancel(self, job: Job) -> None:
-        """The client left: drop the job wherever it is (idempotent)."""
+        """The client left: abort its work wherever it is (idempotent)."""
         if job.finished or job.cancelled:
             return
-        with self._cond:
-            job.cancelled = True
-            try:
-                self._pending.remove(job)
-            except ValueError:
-                pass  # running: the worker drops it before the next step
+        job.cancelled = True
+        self._jobs.discard(job)
+        if job.item is not None:
+            self.engine.abort(job.item)
         if self.metrics is not None:
             self.metrics.cancelled.inc()
+        self._wake()
 
     def start(self) -> None:
         """Start the worker (idempotent; the first submit starts it too)."""
@@ -149,123 +173,41 @@ class Scheduler:
             )
             self._thread.start()
 
+    def drain(self) -> None:
+        """Admit nothing new; work already admitted goes on."""
+        self.draining = True
+
     def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
+        """Stop the worker; every job still going gets a JSON error."""
+        self._stopping = True
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
-        for job in [*self._pending, *self._running]:
-            job.send("error", SchedulerStopped("the server is shutting down"))
-            job.release()
-        self._pending.clear()
-        self._running.clear()
+        for job in list(self._jobs):
+            if job.item is not None:
+                self.engine.abort(job.item)
+            job.send("error", SchedulerStopped("the server shut down before this request finished"))
+        self._jobs.clear()
+
+    def _wake(self) -> None:
+        with self.engine.work_added:
+            self.engine.work_added.notify_all()
 
     # --- the worker thread --------------------------------------------------------------------
 
     def _work(self) -> None:
         torch.set_grad_enabled(False)
+        engine = self.engine
         while True:
-            with self._cond:
-                while not self._stopping and not self._pending and not self._running:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                job = None
-                if self._pending and len(self._running) < self.max_batch_size:
-                    job = self._pending.popleft()
-            try:
-                if job is not None:
-                    self._start(job)
-                self._running = [j for j in self._running if not self._dropped(j)]
-                if self._running:
-                    self._step()
-            except Exception as exc:  # a bug fails these requests, not the server
-                log.exception("scheduler turn failed")
-                self._fail([job] if job is not None else [], exc)
-                self._fail(self._running, exc)
-                self._running = []
-
-    @staticmethod
-    def _fail(jobs: list[Job], exc: Exception) -> None:
-        for job in jobs:
-            if not job.finished:
-                job.finished = True
-                job.release()
-                job.send("error", exc)
-
-    def _dropped(self, job: Job) -> bool:
-        if job.cancelled:
-            job.release()
-        return job.cancelled
-
-    def _start(self, job: Job) -> None:
-        if job.cancelled:
-            return
-        job.started = time.perf_counter()
-        try:
-            if job.fn is not None:
-                with self.engine.lock:
-                    value = job.fn()
-                job.finished = True
-                job.send("done", value)
+            with engine.work_added:
+                while not self._stopping and not engine.has_work():
+                    engine.work_added.wait()
+            if self._stopping:
                 return
-            request = job.prepare()
-            job.kv, logits, job.stats, store_writes = self.engine.prefill_then_store(request)
-            job.sampler = Sampler(request.sampling, self.engine.config.device, self.engine.eos_ids)
-            job.stopper = StopChecker(self.engine.tokenizer, request.sampling, self.engine.eos_ids)
-            token = job.sampler(logits)
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to its request
-            self._fail([job], exc)
-            return
-        job.first_token = time.perf_counter()
-        job.stats.ttft_s = job.first_token - job.started
-        going_on = self._advance(job, token)  # the first token goes out before the writes
-        store_writes()
-        if going_on:
-            self._running.append(job)
-
-    def _advance(self, job: Job, token: int) -> bool:
-        """Record a sampled token; True while the job goes on."""
-        delta = job.stopper.add(token)
-        if delta:
-            job.send("delta", delta)
-        if job.stopper.done or job.kv.length >= job.kv.capacity:
-            self._finish(job)
-            return False
-        job.next_token = token
-        return True
-
-    def _step(self) -> None:
-        batch = self._running
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(batch))
-        try:
-            with self.engine.lock:
-                logits = decode_batch(
-                    self.engine.runner, [j.kv for j in batch], [j.next_token for j in batch]
-                )  # (B, V)
-                tokens = [job.sampler(logits[row]) for row, job in enumerate(batch)]
-        except Exception as exc:
-            log.exception("decode step failed for %d requests", len(batch))
-            self._fail(batch, exc)
-            self._running = []
-            return
-        self._running = [job for job, token in zip(batch, tokens) if self._advance(job, token)]
-
-    def _finish(self, job: Job) -> None:
-        now = time.perf_counter()
-        stopper, stats = job.stopper, job.stats
-        stats.decode_s = now - job.first_token
-        stats.completion_tokens = len(stopper.tokens)
-        result = GenerateResult(
-            stopper.text, stopper.tokens, stopper.finish_reason or "length", stats
-        )
-        queue_s = job.started - job.created
-        if self.metrics is not None:
-            self.metrics.observe_request(
-                stats.to_dict(), queue_s, job.first_token - job.created, now - job.created
-            )
-        job.finished = True
-        job.release()
-        job.send("done", (result, queue_s))
+            try:
+                report = engine.step(self.max_batch_size)
+            except Exception:  # a bug must not kill the worker: the engine fails the requests
+                log.exception("engine step failed")
+                continue
+            if report.decoded and self.metrics is not None:
+                self.metrics.batch_size.observe(report.decoded)

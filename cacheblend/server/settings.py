@@ -28,6 +28,8 @@ class ServerSettings:
     max_tokens_limit: int = 4096  # a request asking for more is refused
     max_batch_size: int = 8  # requests decoded together in one step (1 = one at a time)
     max_queue: int = 256  # waiting requests beyond this are refused with 429
+    drain_timeout_s: float = 30.0  # on SIGTERM/SIGINT, in-flight requests get this long
+    retry_after_s: int = 5  # Retry-After on a 503 while draining
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -53,6 +55,8 @@ class ServerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.drain_timeout_s < 0 or self.retry_after_s < 0:
+            raise ConfigError("drain_timeout_s and retry_after_s must be >= 0")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ConfigError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
 

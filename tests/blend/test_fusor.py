@@ -119,7 +119,7 @@ def test_exact_mask_for_scattered_recompute(runner):
     class BottomRightFusor(Fusor):
         """The known bug: selected queries treated as the last rows of the prompt."""
 
-        def run(self, plan, kv):
+        def run(self, plan, kv, loading="bulk"):
             def attend_at(q, keys, values, positions):
                 n, t = positions.shape[0], keys.shape[1]
                 mask = torch.ones(n, t, dtype=torch.bool).tril(diagonal=t - n)
@@ -127,7 +127,7 @@ def test_exact_mask_for_scattered_recompute(runner):
 
             runner.attend_at = attend_at
             try:
-                return super().run(plan, kv)
+                return super().run(plan, kv, loading)
             finally:
                 del runner.attend_at
 
@@ -172,10 +172,9 @@ def test_loading_modes_give_identical_results(engine_factory):
     engine = engine_factory()
     engine.ingest(DOCS, progress=False)
     results = {}
-    for mode in ("bulk", "layer", "prefetch"):
-        engine.fusor.loading = mode
-        results[mode] = engine.prefill(request("blend"))[1]
-    engine.fusor.loading = "bulk"
+    for mode in ("bulk", "layer", "prefetch"):  # a per-request setting
+        results[mode] = engine.prefill(GenerateRequest(**{**vars(request("blend")),
+                                                          "loading": mode}))[1]
     # The same arithmetic on differently shaped tensors: equal up to fp32 rounding.
     assert torch.equal(results["layer"], results["prefetch"])
     assert (results["bulk"] - results["layer"]).abs().max().item() <= 1e-4

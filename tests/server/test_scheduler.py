@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-import cacheblend.server.scheduler as scheduler_module
+import cacheblend.engine as engine_module
 from tests.server.server_helpers import assert_error, make_engine
 
 
@@ -28,7 +28,7 @@ def chat(client, model, stream=False):
 def test_prefill_bug_is_a_500_for_that_request_only(server, model_name, monkeypatch):
     engine = server.app.state.engine
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        monkeypatch.setattr(engine, "prefill_then_store", _raise)
+        monkeypatch.setattr(engine.planner, "plan", _raise)
         error = assert_error(chat(client, model_name), 500, code="internal_error")
         assert error["type"] == "server_error" and "boom" not in error["message"]
         monkeypatch.undo()
@@ -37,7 +37,7 @@ def test_prefill_bug_is_a_500_for_that_request_only(server, model_name, monkeypa
 
 def test_decode_bug_fails_the_batch_and_the_worker_goes_on(server, model_name, monkeypatch):
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        monkeypatch.setattr(scheduler_module, "decode_batch", _raise)
+        monkeypatch.setattr(engine_module, "decode_step", _raise)
         assert_error(chat(client, model_name), 500)
         streamed = chat(client, model_name, stream=True)  # headers sent: the error is an event
         assert streamed.status_code == 200

@@ -1,0 +1,117 @@
+"""Chunk and prefix entries: their keys, their precompute and their store I/O, in one place.
+
+Every key the engine, the server and the CLI use is made here (over the model fingerprint, the
+preamble a chunk is precomputed after, and the token ids), so a document uploaded through the
+server, ingested from the CLI and looked up by a request all meet at the same key.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cacheblend.blend.loader import CachedSpan
+from cacheblend.config import BlendConfig
+from cacheblend.model.runner import ModelRunner
+from cacheblend.prompt import PromptBuilder, Segments
+from cacheblend.store.base import ChunkKV, KVStore
+from cacheblend.store.keys import chunk_key, prefix_key
+
+STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float16}
+
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K before RoPE, V), (KV, n, hd)
+
+
+class ChunkCache:
+    """Computes chunk / prefix KV with the runner and reads and writes it in the store."""
+
+    def __init__(self, runner: ModelRunner, store: KVStore, fingerprint: str,
+                 prompts: PromptBuilder, codec: str, device: str | torch.device) -> None:
+        self.runner = runner
+        self.store = store
+        self.fingerprint = fingerprint
+        self.prompts = prompts
+        self.dtype = STORE_DTYPES[codec]
+        self.device = device
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    def preamble_for(self, prefix: tuple[int, ...], blend: BlendConfig) -> tuple[int, ...]:
+        """Tokens a chunk is precomputed after; part of the chunk's key."""
+        if blend.precompute == "alone":
+            return ()
+        if blend.precompute == "sink":
+            bos = self.prompts.tokenizer.bos_token_id
+            return (bos if bos is not None else 0,)
+        if blend.precompute == "preamble":
+            return self.prompts.template_ids(blend.preamble)
+        return prefix
+
+    def chunk_key(self, preamble: tuple[int, ...], chunk: tuple[int, ...]) -> str:
+        return chunk_key(self.fingerprint, preamble, chunk)
+
+    def prefix_key(self, before: tuple[int, ...], piece: tuple[int, ...]) -> str:
+        return prefix_key(self.fingerprint, before, piece)
+
+    def probe(self, segments: Segments, preamble: tuple[int, ...]) -> list[ChunkKV | None]:
+        """[prefix entry, chunk entries...], None where missing (and for an empty prefix)."""
+        entries = [self.store.get(self.prefix_key((), segments.prefix))] if segments.prefix \
+            else [None]
+        return entries + [self.store.get(self.chunk_key(preamble, c)) for c in segments.chunks]
+
+    # --- compute and store --------------------------------------------------------------------
+
+    def to_entry(self, kv: LayerKV, start: int, end: int) -> ChunkKV:
+        keys = torch.stack([k[:, start:end] for k, _ in kv]).to(self.dtype)
+        values = torch.stack([v[:, start:end] for _, v in kv]).to(self.dtype)
+        return ChunkKV(keys.cpu().contiguous(), values.cpu().contiguous(),
+                       meta={"model": self.fingerprint})
+
+    def _prefill(self, ids: tuple[int, ...]) -> LayerKV:
+        _, kv = self.runner.prefill(torch.tensor(ids, dtype=torch.long, device=self.device),
+                                    return_kv=True)
+        return kv
+
+    def precompute(self, preamble: tuple[int, ...], chunk: tuple[int, ...],
+                   blend: BlendConfig) -> ChunkKV:
+        """Compute a chunk after its preamble, store it (and the preamble as a prefix entry)."""
+        kv = self._prefill(preamble + chunk)
+        entry = self.to_entry(kv, len(preamble), len(preamble) + len(chunk))
+        self.store.put(self.chunk_key(preamble, chunk), entry)
+        if preamble and blend.precompute == "prefix":
+            self.store.put(self.prefix_key((), preamble), self.to_entry(kv, 0, len(preamble)))
+        return entry
+
+    def compute_prefix(self, prefix: tuple[int, ...]) -> ChunkKV:
+        """Compute and store the exact KV of the prefix at position 0."""
+        entry = self.to_entry(self._prefill(prefix), 0, len(prefix))
+        self.store.put(self.prefix_key((), prefix), entry)
+        return entry
+
+    def ensure_prefix(self, prefix: tuple[int, ...]) -> None:
+        """Store the exact KV of ``prefix`` unless it is stored already."""
+        if prefix and self.store.get(self.prefix_key((), prefix)) is None:
+            self.compute_prefix(prefix)
+
+    def store_prefix_chain(self, segments: Segments, computed_from: int,
+                           captured: LayerKV) -> None:
+        """Store each prefix/chunk segment computed in a request as an exact prefix entry."""
+        ids, start = segments.ids, 0
+        for piece in (segments.prefix, *segments.chunks):
+            end = start + len(piece)
+            if piece and start >= computed_from:
+                entry = self.to_entry(captured, start - computed_from, end - computed_from)
+                self.store.put(self.prefix_key(tuple(ids[:start]), piece), entry)
+            start = end
+
+    def prefix_chain(self, segments: Segments) -> list[CachedSpan]:
+        """Longest run of exact prefix entries (prefix, chunk 1, chunk 2, ...) from position 0."""
+        spans, before = [], ()
+        for piece in (segments.prefix, *segments.chunks):
+            if not piece:
+                continue
+            entry = self.store.get(self.prefix_key(before, piece))
+            if entry is None:
+                break
+            spans.append(CachedSpan(len(before), entry))
+            before = before + piece
+        return spans

@@ -1,0 +1,126 @@
+"""The planner: a request's segments and settings -> the FusionPlan that serves its method.
+
+It probes the store for the prefix and every chunk, asks the loading controller whether
+blending pays (and at which ratio), computes and stores the misses a fused prefill needs, and
+builds the plan:
+
+| method | cached rows | computed from layer 0 | narrowed at check layers |
+|---|---|---|---|
+| full | none | every token | no |
+| prefix | longest chain of exact prefix entries | the rest | no |
+| reuse | prefix + every chunk | suffix | no |
+| epic | prefix + every chunk | first k tokens of each chunk + suffix | no |
+| blend | prefix + every chunk | every chunk token + suffix | to the selected tokens |
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cacheblend.blend.chunks import ChunkCache
+from cacheblend.blend.controller import LoadingController
+from cacheblend.blend.fusor import FusionPlan
+from cacheblend.blend.loader import CachedSpan
+from cacheblend.blend.select import FirstKSelector, HKVDSelector, UnionSelector, first_k_mask
+from cacheblend.prompt import Segments
+from cacheblend.request import RequestSettings
+
+
+@dataclass
+class Lookup:
+    """What the store gave for a request's segments."""
+
+    missed_tokens: int = 0
+    miss_s: float = 0.0
+    load_s: float = 0.0
+    load_bytes: int = 0
+    deferred: list[int] = field(default_factory=list)  # chunks missed: stored after the answer
+    reason: str = ""
+
+
+@dataclass
+class PlannedPrefill:
+    plan: FusionPlan
+    method: str  # what runs (the controller may fall back to "full")
+    ratio: float | None  # the blend ratio that runs
+    lookup: Lookup
+
+
+class Planner:
+    def __init__(self, chunks: ChunkCache, controller: LoadingController, num_layers: int) -> None:
+        self.chunks = chunks
+        self.controller = controller
+        self.num_layers = num_layers
+
+    def plan(self, segments: Segments, settings: RequestSettings) -> PlannedPrefill:
+        ids = torch.tensor(segments.ids, dtype=torch.long)
+        total = ids.shape[0]
+        method, blend = settings.method, settings.blend
+        spans = segments.chunk_spans()
+        if method == "full":
+            return PlannedPrefill(FusionPlan(ids, torch.arange(total)), method, None, Lookup())
+        if method == "prefix":
+            cached = self.chunks.prefix_chain(segments)
+            start = min(cached[-1].end if cached else 0, total - 1)  # the last token always runs
+            plan = FusionPlan(ids, torch.arange(start, total), cached, spans, capture=True)
+            return PlannedPrefill(plan, method, None, Lookup())
+        cached, lookup, ratio = self._lookup_chunks(segments, settings)
+        if cached is None:  # the controller's fallback
+            return PlannedPrefill(FusionPlan(ids, torch.arange(total)), "full", None, lookup)
+        suffix = torch.arange(total - len(segments.suffix), total)
+        checks = []
+        if method == "reuse":
+            active = suffix
+        elif method == "epic":
+            chunk_positions = torch.cat([torch.arange(s, e) for s, e in spans] or [suffix[:0]])
+            keep = first_k_mask(chunk_positions, spans, blend.epic_k)
+            active = torch.cat([chunk_positions[keep], suffix])
+        else:  # blend
+            active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
+            blend = blend.with_ratio(ratio)
+            for layer, layer_ratio in zip(blend.check_layers, blend.check_ratios):
+                selector = HKVDSelector(layer_ratio)
+                if blend.first_k:
+                    selector = UnionSelector(selector, FirstKSelector(blend.first_k))
+                checks.append((min(layer, self.num_layers - 1), selector))
+        plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation)
+        return PlannedPrefill(plan, method, ratio if method == "blend" else None, lookup)
+
+    def _lookup_chunks(self, segments: Segments, settings: RequestSettings):
+        """(spans, lookup, ratio): entries for the prefix and every chunk (misses computed and
+        stored first), or spans None when the controller finds a full prefill cheaper."""
+        method, blend = settings.method, settings.blend
+        preamble = self.chunks.preamble_for(segments.prefix, blend)
+        lookup = Lookup()
+        start = time.perf_counter()
+        entries = self.chunks.probe(segments, preamble)
+        lookup.load_s = time.perf_counter() - start
+        lookup.load_bytes = sum(e.nbytes for e in entries if e is not None)
+        self.controller.observe_load(lookup.load_bytes, lookup.load_s)
+        missed = [i for i, e in enumerate(entries[1:]) if e is None]
+        chunk_tokens = sum(len(c) for c in segments.chunks)
+        lookup.missed_tokens = sum(len(segments.chunks[i]) for i in missed)
+        decision = self.controller.decide(
+            method, blend.ratio, blend.check_layers[0], chunk_tokens, lookup.missed_tokens,
+            lookup.load_bytes, fallback=blend.fallback)
+        lookup.reason = decision.reason
+        if decision.method == "full":
+            lookup.deferred = missed
+            return None, lookup, decision.ratio
+        start = time.perf_counter()
+        spans = []
+        prefix_entry = entries[0]
+        if prefix_entry is None and segments.prefix:
+            prefix_entry = self.chunks.compute_prefix(segments.prefix)
+            lookup.missed_tokens += len(segments.prefix)
+        if prefix_entry is not None:
+            spans.append(CachedSpan(0, prefix_entry))
+        for (begin, _), chunk, entry in zip(segments.chunk_spans(), segments.chunks, entries[1:]):
+            if entry is None:
+                entry = self.chunks.precompute(preamble, chunk, blend)
+            spans.append(CachedSpan(begin, entry))
+        lookup.miss_s = time.perf_counter() - start if lookup.missed_tokens else 0.0
+        return spans, lookup, decision.ratio
