@@ -81,11 +81,14 @@ class EngineConfig:
     instruction: str = "Read the documents below and answer the question."
     max_new_tokens: int = 64
     loading: str = "bulk"  # bulk | layer | prefetch: see cacheblend.blend.loader
-    # Engine.step(): at most this many requests decode together, and while any are decoding a
-    # prefill advances by at most this many tokens per step (token-layers / layers for a fused
-    # prefill): a long prompt does not stall running streams. See docs/serving.md.
+    # Engine.step(): at most this many requests decode together. While any are decoding, a
+    # plain prefill runs in token slices of prefill_step_tokens, and each step a prefill runs
+    # for at most prefill_step_tokens tokens (token-layers / layers) and prefill_step_s seconds
+    # (None: 3/4 of a decode step's time), pausing between layers: a long prompt does not
+    # stall running streams. See docs/serving.md.
     max_batch_size: int = 8
     prefill_step_tokens: int = 256
+    prefill_step_s: float | None = None
     blend: BlendConfig = field(default_factory=BlendConfig)
 
     def __post_init__(self) -> None:
@@ -99,6 +102,8 @@ class EngineConfig:
             raise ConfigError("threads must be >= 1")
         if self.max_batch_size < 1 or self.prefill_step_tokens < 1:
             raise ConfigError("max_batch_size and prefill_step_tokens must be >= 1")
+        if self.prefill_step_s is not None and self.prefill_step_s < 0:
+            raise ConfigError("prefill_step_s must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -97,6 +97,7 @@ class Engine:
         self._prefilling: list[Sequence] = []
         self._running: list[Sequence] = []
         self._owed: list[Callable[[], None]] = []
+        self._decode_s: float | None = None  # recent decode step time: the prefill's budget
 
     # --- prompts and keys ---------------------------------------------------------------------
 
@@ -270,8 +271,20 @@ class Engine:
         with self.work_added:
             self._background.remove(task)
 
+    def _prefill_budget(self) -> tuple[float, float]:
+        """(tokens, seconds) a prefill may use this step. Unbounded while nothing decodes;
+        otherwise ``prefill_step_tokens`` and ``prefill_step_s`` (default: 3/4 of a decode
+        step's time, so a running stream's inter-token latency stays under ~2x)."""
+        if not self._running:
+            return float("inf"), float("inf")
+        seconds = self.config.prefill_step_s
+        if seconds is None:
+            seconds = 0.75 * (self._decode_s or 0.0)
+        return self.config.prefill_step_tokens, seconds
+
     def _prefill_turn(self, limit: int, report: StepReport) -> None:
         """Admit waiting requests and advance prefills; bounded per step while others decode."""
+        started = time.perf_counter()
         while True:
             if not self._prefilling:
                 if not self._waiting or len(self._running) >= limit:
@@ -284,10 +297,17 @@ class Engine:
                     continue
                 self._prefilling.append(seq)
             seq = self._prefilling[0]
-            budget = self.config.prefill_step_tokens if self._running else float("inf")
+            tokens, seconds = self._prefill_budget()
             try:
-                while report.prefill_tokens < budget:
+                layer_start = time.perf_counter()
+                while True:  # at least one layer per step: every prefill makes progress
                     report.prefill_tokens += next(seq.prefill) / self.runner.num_layers
+                    now = time.perf_counter()
+                    # Stop before a layer that would likely overrun the time budget.
+                    if (report.prefill_tokens >= tokens
+                            or now + (now - layer_start) - started > seconds):
+                        break
+                    layer_start = now
             except StopIteration as done:
                 self._prefilling.pop(0)
                 seq.prefill = None
@@ -336,10 +356,14 @@ class Engine:
     def _decode(self, report: StepReport) -> None:
         batch = self._running
         report.decoded = len(batch)
+        start = time.perf_counter()
         try:
             logits = decode_step(self.runner, [s.kv for s in batch],
                                  [s.next_token for s in batch])  # (B, V)
             tokens = [seq.sampler(logits[row]) for row, seq in enumerate(batch)]
+            elapsed = time.perf_counter() - start
+            self._decode_s = elapsed if self._decode_s is None else \
+                0.7 * self._decode_s + 0.3 * elapsed
         except Exception as exc:
             log.exception("decode step failed for %d requests", len(batch))
             for seq in batch:

@@ -3,7 +3,8 @@
 ``bench_stall``: ``streams`` chats decode long answers; their inter-token latency (ITL) is
 measured alone for ``window`` seconds, then while a ``prompt_tokens``-token prompt prefills
 (from its send to its first token). Run twice in one process on the same model: with chunked
-prefill (``prefill_step_tokens`` from the config) and with it off (one unbounded step), so the
+prefill (``prefill_step_tokens`` / ``prefill_step_s`` from the config) and with it off (one
+unbounded step), so the
 ratio of p99s says what chunking buys.
 
 ``bench_upload``: ``docs`` documents are uploaded in one ``POST /v1/documents``; shortly after,
@@ -32,11 +33,21 @@ UNBOUNDED = 1 << 30  # prefill_step_tokens that never splits a prefill
 
 
 def _gaps(results: list[dict], start: float, end: float) -> list[float]:
-    """ITL gaps of the streams whose later token arrived within [start, end]."""
+    """ITL gaps of the streams that overlap [start, end] (a gap stalled by a prefill ends after
+    the prefill's own first token: it counts)."""
     gaps = []
     for result in results:
         arrivals = result.get("arrivals", [])
-        gaps += [b - a for a, b in itertools.pairwise(arrivals) if start <= b <= end]
+        gaps += [b - a for a, b in itertools.pairwise(arrivals) if b >= start and a <= end]
+    return gaps
+
+
+def _gaps_within(results: list[dict], start: float, end: float) -> list[float]:
+    """ITL gaps lying wholly inside [start, end]."""
+    gaps = []
+    for result in results:
+        arrivals = result.get("arrivals", [])
+        gaps += [b - a for a, b in itertools.pairwise(arrivals) if a >= start and b <= end]
     return gaps
 
 
@@ -49,9 +60,11 @@ def bench_stall(config: EngineConfig | None = None, *, streams: int = 3,
     config = config or EngineConfig()
     loaded = loaded or load_model(config.model, config.device)
     out = {"streams": streams, "prompt_tokens": prompt_tokens, "window_s": window,
-           "prefill_step_tokens": config.prefill_step_tokens, "results": {}}
-    for name, step_tokens in (("chunked", config.prefill_step_tokens), ("unchunked", UNBOUNDED)):
-        engine = Engine(replace(config, prefill_step_tokens=step_tokens), loaded=loaded)
+           "prefill_step_tokens": config.prefill_step_tokens,
+           "prefill_step_s": config.prefill_step_s, "results": {}}
+    unchunked = replace(config, prefill_step_tokens=UNBOUNDED, prefill_step_s=float("inf"))
+    for name, engine_config in (("chunked", config), ("unchunked", unchunked)):
+        engine = Engine(engine_config, loaded=loaded)
         long_text = make_documents(engine, 1, prompt_tokens)[0]
         settings = ServerSettings(max_tokens_limit=4096)
         with BackgroundServer(create_app(engine, settings)) as server:
@@ -60,7 +73,7 @@ def bench_stall(config: EngineConfig | None = None, *, streams: int = 3,
             round_out = asyncio.run(_recording_round(server.url, model, streams, long_text,
                                                      window, arrivals))
         results = [{"arrivals": a} for a in arrivals]
-        alone = _gaps(results, round_out["alone_start"], round_out["sent"])
+        alone = _gaps_within(results, round_out["alone_start"], round_out["sent"])
         during = _gaps(results, round_out["sent"], round_out["first_token"])
         out["results"][name] = {
             "itl_alone": _summary(alone),
@@ -98,6 +111,7 @@ async def _recording_round(url: str, model: str, streams: int, long_text: str, w
         long = await _chat(client, {"model": model, "max_tokens": 1,
                                     "messages": [{"role": "user", "content": long_text}],
                                     "cacheblend": {"method": "full"}})
+        await asyncio.sleep(1.0)  # the streams record the tokens that follow the prefill
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
