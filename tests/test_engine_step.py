@@ -73,7 +73,7 @@ def test_chunked_prefill_equals_a_whole_prefill_and_interleaves_decode(engine_fa
     """A long prompt admitted while another request decodes is prefilled in token slices of
     at most prefill_step_tokens, with a decode step between slices; the result is the prefill
     it would have had alone."""
-    engine = engine_factory(prefill_step_tokens=48)
+    engine = engine_factory(prefill_step_tokens=48, prefill_step_s=float("inf"))
     long_request = GenerateRequest(question=QUESTION, documents=DOCS, method="full",
                                    sampling=SamplingParams(max_tokens=6))
     _, whole_logits, whole = engine.prefill(long_request)
@@ -115,6 +115,21 @@ def test_fused_prefill_is_split_by_layers_under_the_budget(engine_factory):
     result = seq.outbox[-1][1]
     assert steps > 3 and result.stats.method == "blend"
     assert torch.equal(result.first_logits, whole_logits)  # the same layers, paused between
+
+
+def test_time_budget_pauses_a_prefill_between_layers(engine_factory):
+    """prefill_step_s=0: while another request decodes, a prefill runs one layer per step."""
+    engine = engine_factory(prefill_step_s=0.0)
+    engine.add_request(GenerateRequest(question="Count to twenty.", sampling=SamplingParams(
+        max_tokens=200, min_tokens=200)))
+    engine.step()
+    seq = engine.add_request(_greedy("What is the capital of Italy?", max_tokens=1))
+    steps = 0
+    while not seq.finished:
+        report = engine.step()
+        steps += 1
+        assert report.decoded == 1
+    assert steps >= engine.runner.num_layers
 
 
 def test_background_lane_yields_to_live_requests(engine_factory):
