@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from cacheblend.blend.chunks import ChunkCache
 from cacheblend.blend.controller import LoadingController
+from cacheblend.blend.fusor import Fusor
+from cacheblend.blend.planner import Planner
 from cacheblend.config import BlendConfig, EngineConfig
 from cacheblend.decode import Sampler, StopChecker, decode_step
 from cacheblend.errors import InvalidRequestError
@@ -81,11 +83,12 @@ class Engine:
             store = open_store(self.config.store, model_fingerprint=self.fingerprint,
                                codec=self.config.store_codec)
         self.store = store
-        self.chunks = ChunkCache(self.runner, store, self.fingerprint, self.prompts,
+        self.fusor = Fusor(self.runner)
+        self.chunks = ChunkCache(self.fusor, store, self.fingerprint, self.prompts,
                                  self.config.store_codec, self.config.device)
-        self.prefiller = Prefiller(self.config, self.runner, self.chunks, self.controller,
-                                   self.segments_for)
-        self.fusor, self.planner = self.prefiller.fusor, self.prefiller.planner
+        self.planner = Planner(self.chunks, self.controller, self.runner.num_layers)
+        self.prefiller = Prefiller(self.config, self.runner, self.fusor, self.planner,
+                                   self.controller, self.segments_for)
         self.eos_ids = _eos_ids(self.tokenizer, self.loaded.model)
         self.lock = threading.RLock()  # one model: one step at a time
         # Queues, shared with the threads that add work (the server's event loop).
@@ -138,19 +141,20 @@ class Engine:
     def ingest(self, documents: list[str], progress: bool = True,
                blend: BlendConfig | None = None) -> list[IngestResult]:
         """Precompute and store every document's KV now (skipping those already stored)."""
-        slices = self.ingest_slices(documents, blend)
         with tqdm(total=len(documents), desc="ingest", unit="doc", disable=not progress) as bar:
-            while True:
-                with self.lock, torch.inference_mode():
+            slices = self.ingest_slices(documents, blend, on_document=bar.update)
+            with self.lock, torch.inference_mode():
+                while True:
                     try:
                         next(slices)
                     except StopIteration as done:
                         return done.value
-                bar.update(1)
 
-    def ingest_slices(self, documents: list[str], blend: BlendConfig | None = None):
-        """Ingest as a generator that yields after each document (one background slice each);
-        returns the list of IngestResult. The caller holds the engine's lock around each slice."""
+    def ingest_slices(self, documents: list[str], blend: BlendConfig | None = None,
+                      on_document: Callable[[int], Any] | None = None):
+        """Ingest as a generator that pauses after every layer of every document's precompute
+        (the background lane's slices); returns the list of IngestResult. The caller holds the
+        engine's lock while it advances it."""
         blend = blend or self.config.blend
         prefix = self.default_prefix()
         preamble = self.preamble_for(prefix, blend)
@@ -161,9 +165,10 @@ class Engine:
             key = self.chunks.chunk_key(preamble, chunk)
             cached = self.store.get(key) is not None
             if not cached:
-                self.chunks.precompute(preamble, chunk, blend)
+                yield from self.chunks.precompute_steps(preamble, chunk, blend)
             results.append(IngestResult(key=key, num_tokens=len(chunk), cached=cached))
-            yield
+            if on_document is not None:
+                on_document(1)
         self.chunks.ensure_prefix(prefix)
         return results
 
@@ -259,11 +264,17 @@ class Engine:
         task.send("done", value)
 
     def _background_slice(self, report: StepReport) -> None:
+        """Background work, a layer at a time, until a live request arrives (or, while others
+        decode, for a prefill's step budget)."""
         task = self._background[0]
         report.background = True
+        _, seconds = self._prefill_budget()
+        start = time.perf_counter()
         try:
-            next(task.slices)
-            return
+            while True:
+                next(task.slices)
+                if self._waiting or self._calls or time.perf_counter() - start >= seconds:
+                    return
         except StopIteration as done:
             task.send("done", done.value)
         except Exception as exc:  # noqa: BLE001

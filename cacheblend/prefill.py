@@ -12,7 +12,6 @@ from collections.abc import Callable, Generator
 
 import torch
 
-from cacheblend.blend.chunks import ChunkCache
 from cacheblend.blend.controller import LoadingController
 from cacheblend.blend.fusor import FusionResult, Fusor
 from cacheblend.blend.planner import Planner
@@ -28,16 +27,16 @@ log = logging.getLogger(__name__)
 
 
 class Prefiller:
-    def __init__(self, config: EngineConfig, runner: ModelRunner, chunks: ChunkCache,
-                 controller: LoadingController,
+    def __init__(self, config: EngineConfig, runner: ModelRunner, fusor: Fusor,
+                 planner: Planner, controller: LoadingController,
                  segments_for: Callable[[GenerateRequest], Segments]) -> None:
         self.config = config
         self.runner = runner
-        self.chunks = chunks
+        self.fusor = fusor
+        self.planner = planner
+        self.chunks = planner.chunks
         self.controller = controller
         self.segments_for = segments_for
-        self.fusor = Fusor(runner)
-        self.planner = Planner(chunks, controller, runner.num_layers)
 
     def check_length(self, num_tokens: int) -> None:
         if num_tokens >= self.runner.max_positions:

@@ -7,11 +7,14 @@ server, ingested from the CLI and looked up by a request all meet at the same ke
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 
+from cacheblend.blend.fusor import FusionPlan, Fusor
 from cacheblend.blend.loader import CachedSpan
 from cacheblend.config import BlendConfig
-from cacheblend.model.runner import ModelRunner
+from cacheblend.kv import RequestKV
 from cacheblend.prompt import PromptBuilder, Segments
 from cacheblend.store.base import ChunkKV, KVStore
 from cacheblend.store.keys import chunk_key, prefix_key
@@ -24,9 +27,9 @@ LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K before RoPE, V
 class ChunkCache:
     """Computes chunk / prefix KV with the runner and reads and writes it in the store."""
 
-    def __init__(self, runner: ModelRunner, store: KVStore, fingerprint: str,
+    def __init__(self, fusor: Fusor, store: KVStore, fingerprint: str,
                  prompts: PromptBuilder, codec: str, device: str | torch.device) -> None:
-        self.runner = runner
+        self.fusor = fusor
         self.store = store
         self.fingerprint = fingerprint
         self.prompts = prompts
@@ -66,20 +69,35 @@ class ChunkCache:
         return ChunkKV(keys.cpu().contiguous(), values.cpu().contiguous(),
                        meta={"model": self.fingerprint})
 
-    def _prefill(self, ids: tuple[int, ...]) -> LayerKV:
-        _, kv = self.runner.prefill(torch.tensor(ids, dtype=torch.long, device=self.device),
-                                    return_kv=True)
-        return kv
+    def _prefill_steps(self, ids: tuple[int, ...]) -> Generator[int, None, LayerKV]:
+        """A plain prefill through the fusor's layer loop (pausing after each layer); returns
+        per layer (K before RoPE, V)."""
+        runner = self.fusor.runner
+        plan = FusionPlan(torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)),
+                          capture=True)
+        kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, len(ids),
+                       self.device)
+        result = yield from self.fusor.layers(plan, kv)
+        return result.captured
 
-    def precompute(self, preamble: tuple[int, ...], chunk: tuple[int, ...],
-                   blend: BlendConfig) -> ChunkKV:
-        """Compute a chunk after its preamble, store it (and the preamble as a prefix entry)."""
-        kv = self._prefill(preamble + chunk)
+    def _prefill(self, ids: tuple[int, ...]) -> LayerKV:
+        return _drain(self._prefill_steps(ids))
+
+    def precompute_steps(self, preamble: tuple[int, ...], chunk: tuple[int, ...],
+                         blend: BlendConfig) -> Generator[int, None, ChunkKV]:
+        """Compute a chunk after its preamble and store it (and the preamble as a prefix entry
+        in ``prefix`` mode), pausing after each layer; returns the chunk's entry."""
+        kv = yield from self._prefill_steps(preamble + chunk)
         entry = self.to_entry(kv, len(preamble), len(preamble) + len(chunk))
         self.store.put(self.chunk_key(preamble, chunk), entry)
         if preamble and blend.precompute == "prefix":
             self.store.put(self.prefix_key((), preamble), self.to_entry(kv, 0, len(preamble)))
         return entry
+
+    def precompute(self, preamble: tuple[int, ...], chunk: tuple[int, ...],
+                   blend: BlendConfig) -> ChunkKV:
+        """As ``precompute_steps``, at once."""
+        return _drain(self.precompute_steps(preamble, chunk, blend))
 
     def compute_prefix(self, prefix: tuple[int, ...]) -> ChunkKV:
         """Compute and store the exact KV of the prefix at position 0."""
@@ -115,3 +133,12 @@ class ChunkCache:
             spans.append(CachedSpan(len(before), entry))
             before = before + piece
         return spans
+
+
+def _drain(steps: Generator):
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

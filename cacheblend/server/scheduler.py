@@ -137,6 +137,8 @@ class Scheduler:
     def _emit(self, job: Job, generation: bool):
         def emit(kind: str, value: Any) -> None:
             if kind == "done" and generation:
+                # Queued from the handler's submit (prompt building included) to the prefill.
+                value.stats.queue_s = max(0.0, job.item.started - job.created)
                 self._observe(job, value)
                 value = (value, value.stats.queue_s)
             if kind in ("done", "error"):
