@@ -21,7 +21,7 @@ from cacheblend.blend.fusor import FusionPlan, Fusor
 from cacheblend.blend.loader import CachedSpan
 from cacheblend.blend.select import FirstKSelector, HKVDSelector, UnionSelector, first_k_mask
 from cacheblend.config import METHODS, BlendConfig, EngineConfig
-from cacheblend.decode import Sampler, SamplingParams, StopChecker
+from cacheblend.decode import Sampler, SamplingParams, StopChecker, TokenLogprob
 from cacheblend.errors import InvalidRequestError
 from cacheblend.kv import RequestKV
 from cacheblend.model.loader import LoadedModel, load_model
@@ -71,6 +71,7 @@ class RequestStats:
     decode_s: float = 0.0
     completion_tokens: int = 0
     store_s: float = 0.0  # store writes after the first token (prefix entries, fallback misses)
+    prefix_reused_tokens: int = 0  # of reused_tokens, those from exact-prefix entries
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +84,7 @@ class GenerateResult:
     finish_reason: str
     stats: RequestStats
     first_logits: torch.Tensor | None = None
+    logprobs: list[TokenLogprob] | None = None  # per sampled token, when sampling.logprobs set
 
 
 @dataclass
@@ -366,6 +368,12 @@ class Engine:
         for span in plan.cached:
             cached_rows[span.start : span.end] = True
         computed = int(result.computed.shape[0])
+        # Exact-prefix entries: every span of a prefix plan, else the prefix's own entry at 0.
+        prefix_end = (plan.cached[-1].end if ran == "prefix" and plan.cached
+                      else len(segments.prefix) if plan.cached and plan.cached[0].start == 0
+                      else 0)
+        reused_rows = cached_rows.clone()
+        reused_rows[result.computed.cpu()] = False
         stats = RequestStats(
             method=ran,
             ratio=ratio,
@@ -382,6 +390,7 @@ class Engine:
             load_bytes=lookup.load_bytes,
             requested_method=method,
             controller=lookup.reason,
+            prefix_reused_tokens=int(reused_rows[:prefix_end].sum()),
         )
 
         def store_writes() -> None:
@@ -402,7 +411,8 @@ class Engine:
         """Yields (text delta, None) as tokens are produced, then ("", GenerateResult)."""
         start = time.perf_counter()
         kv, logits, stats, store_writes = self.prefill_then_store(request)
-        sampler = Sampler(request.sampling, self.config.device, self.eos_ids)
+        prompt_ids = self.segments_for(request).ids if request.sampling.uses_prompt else None
+        sampler = Sampler(request.sampling, self.config.device, self.eos_ids, prompt_ids)
         stopper = StopChecker(self.tokenizer, request.sampling, self.eos_ids)
         first_logits = logits
         try:
@@ -429,7 +439,7 @@ class Engine:
                 store_writes()
         stats.completion_tokens = len(stopper.tokens)
         yield "", GenerateResult(stopper.text, stopper.tokens, stopper.finish_reason, stats,
-                                 first_logits)
+                                 first_logits, sampler.logprobs)
 
     def generate(self, request: GenerateRequest) -> GenerateResult:
         result = None

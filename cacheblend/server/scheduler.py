@@ -5,7 +5,8 @@ prefill and first token, or a call such as an ingest), then runs one decode step
 running generation together (``decode_batch``: the weights are read once per step for all of
 them). ``max_batch_size=1`` runs requests strictly one after another.
 
-Jobs talk to the asyncio side through an ``asyncio.Queue`` per job: ``("delta", text)``,
+Jobs talk to the asyncio side through an ``asyncio.Queue`` per job: ``("delta", (text,
+logprobs))`` (the ``TokenLogprob`` entries since the previous delta, None unless asked),
 then ``("done", GenerateResult | value)`` or ``("error", exception)``. Cancelling a job (its
 client left) drops it from the queue, or from the running batch at the next step, which frees
 its KV cache. Each running request has its own ``RequestKV``, ``Sampler`` (its own RNG) and
@@ -63,6 +64,7 @@ class Job:
     stopper: StopChecker | None = None
     stats: RequestStats | None = None
     next_token: int = 0
+    logprobs_sent: int = 0  # sampler.logprobs entries already sent with a delta
     started: float = 0.0
     first_token: float = 0.0
 
@@ -212,7 +214,11 @@ class Scheduler:
                 return
             request = job.prepare()
             job.kv, logits, job.stats, store_writes = self.engine.prefill_then_store(request)
-            job.sampler = Sampler(request.sampling, self.engine.config.device, self.engine.eos_ids)
+            prompt_ids = (self.engine.segments_for(request).ids
+                          if request.sampling.uses_prompt else None)
+            job.sampler = Sampler(
+                request.sampling, self.engine.config.device, self.engine.eos_ids, prompt_ids
+            )
             job.stopper = StopChecker(self.engine.tokenizer, request.sampling, self.engine.eos_ids)
             token = job.sampler(logits)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its request
@@ -229,7 +235,10 @@ class Scheduler:
         """Record a sampled token; True while the job goes on."""
         delta = job.stopper.add(token)
         if delta:
-            job.send("delta", delta)
+            logprobs = job.sampler.logprobs
+            new = None if logprobs is None else logprobs[job.logprobs_sent :]
+            job.logprobs_sent = 0 if logprobs is None else len(logprobs)
+            job.send("delta", (delta, new))
         if job.stopper.done or job.kv.length >= job.kv.capacity:
             self._finish(job)
             return False
@@ -259,7 +268,11 @@ class Scheduler:
         stats.decode_s = now - job.first_token
         stats.completion_tokens = len(stopper.tokens)
         result = GenerateResult(
-            stopper.text, stopper.tokens, stopper.finish_reason or "length", stats
+            stopper.text,
+            stopper.tokens,
+            stopper.finish_reason or "length",
+            stats,
+            logprobs=job.sampler.logprobs,
         )
         queue_s = job.started - job.created
         if self.metrics is not None:
