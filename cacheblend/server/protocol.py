@@ -35,6 +35,8 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "functions": (_TOOLS, ([],)),
     "function_call": (_TOOLS, ("none", "auto")),
     "parallel_tool_calls": (_TOOLS, (True, False)),
+    "tool_calls": (_TOOLS, ([],)),  # on a message
+    "tool_call_id": (_TOOLS, ()),  # on a message
     "response_format": (_GUIDED, ({"type": "text"},)),
     "guided_json": (_GUIDED, ()),
     "guided_regex": (_GUIDED, ()),
