@@ -128,7 +128,8 @@ class Sampler:
             logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
         if self.sampled < p.min_tokens and self.eos_ids:
             logits[self.eos_ids] = float("-inf")
-        return logits
+        # An extreme penalty can overflow a logit to inf: keep it the largest, but finite.
+        return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
 
     def _logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,) the raw distribution

@@ -16,10 +16,10 @@ DOC = "The Greywater Lighthouse was designed by the engineer Miriam Osk in 1798.
 
 
 def stats(**changes) -> RequestStats:
-    values = dict(method="blend", ratio=0.15, prompt_tokens=230, chunk_tokens=180,
-                  reused_tokens=180, recomputed_tokens=27, computed_tokens=50, missed_tokens=180,
-                  ttft_s=0.2, prefill_s=0.2, miss_s=0.1, requested_method="blend",
-                  controller="requested")
+    values = {"method": "blend", "ratio": 0.15, "prompt_tokens": 230, "chunk_tokens": 180,
+              "reused_tokens": 180, "recomputed_tokens": 27, "computed_tokens": 50,
+              "missed_tokens": 180, "ttft_s": 0.2, "prefill_s": 0.2, "miss_s": 0.1,
+              "requested_method": "blend", "controller": "requested"}
     return RequestStats(**{**values, **changes})
 
 

@@ -152,3 +152,10 @@ def test_logprobs_are_of_the_raw_distribution():
 def test_invalid_penalty_values(bad):
     with pytest.raises(InvalidRequestError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+def test_extreme_repetition_penalty_stays_finite():
+    logits = torch.tensor([3.0, 2.0, -1.0])
+    sampler = Sampler(SamplingParams(repetition_penalty=1e-300, temperature=1.0, seed=0),
+                      prompt_ids=[0, 1])
+    assert sampler(logits) in (0, 1)  # inf logits would make the probabilities NaN

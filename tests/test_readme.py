@@ -17,7 +17,6 @@ import torch
 from cacheblend.cli import main
 
 
-
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """The commands leave torch's thread count alone; on 2 shared cores one is much faster."""
@@ -33,7 +32,7 @@ LONG_RUNNING = ("serve", "bench", "eval")
 
 def using_it() -> str:
     text = README.read_text()
-    return re.search(r"## Using it\n\n```bash\n(.*?)```", text, re.S).group(1)
+    return re.search(r"## Using it\n\n```bash\n(.*?)```", text, re.DOTALL).group(1)
 
 
 def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
@@ -59,6 +58,6 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
 
 
 def test_readme_python_snippet_runs_as_written(capsys):
-    (snippet,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    (snippet,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
     exec(compile(snippet, str(README), "exec"), {})  # noqa: S102
     assert capsys.readouterr().out.strip()

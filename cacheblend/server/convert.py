@@ -82,7 +82,7 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, floa
     """OpenAI's ``{"token id": bias}`` -> ``{id: bias}``, every id checked against the vocab."""
     out = {}
     for key, value in (bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab_size:
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
             raise ApiError(
                 400,
                 f"logit_bias key {key!r} is not a token id; keys are ids in [0, {vocab_size}) "

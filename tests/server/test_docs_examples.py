@@ -21,7 +21,7 @@ SERVING = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", SERVING.read_text(), re.S)
+    return re.findall(rf"```{language}\n(.*?)```", SERVING.read_text(), re.DOTALL)
 
 
 def curl_commands() -> list[list[str]]:
