@@ -1,13 +1,17 @@
-"""Sampling and stopping: greedy, or temperature / top-k / top-p with a seed."""
+"""Sampling and stopping: greedy, or temperature / top-k / top-p with a seed; logit bias,
+presence / frequency / repetition penalties and logprobs, as vLLM."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from cacheblend.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20  # as vLLM's default max_logprobs
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     min_tokens: int = 0  # end-of-sequence is not sampled before this many tokens (as vLLM)
+    logprobs: int | None = None  # None: off; k: each sampled token's logprob and the top k
+    presence_penalty: float = 0.0  # minus this for every token generated so far (once)
+    frequency_penalty: float = 0.0  # minus this times how often a token was generated so far
+    repetition_penalty: float = 1.0  # tokens of prompt + output: logit / p if > 0 else * p
+    logit_bias: dict[int, float] = field(default_factory=dict, hash=False)  # id -> added to logit
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -34,19 +43,52 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must lie in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise InvalidRequestError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidRequestError(
+                    f"logit_bias values must lie in [-100, 100], got {bias} for token {token}")
+
+    @property
+    def uses_prompt(self) -> bool:
+        """True when sampling depends on the prompt's tokens (the repetition penalty)."""
+        return self.repetition_penalty != 1.0
+
+
+class TokenLogprob(NamedTuple):
+    """A sampled token's logprob and the ``top`` most likely tokens (id, logprob), from the
+    model's raw distribution (log-softmax of the logits before penalties and temperature)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 MIN_TEMPERATURE = 1e-5  # below it, float32 logits / temperature would overflow: sample greedily
 
 
 class Sampler:
-    """Picks the next token from logits; one per request (it owns the request's RNG)."""
+    """Picks the next token from logits; one per request (it owns the request's RNG and the
+    history penalties need: ``prompt_ids`` and the tokens it sampled itself)."""
 
     def __init__(self, params: SamplingParams, device: str | torch.device = "cpu",
-                 eos_ids: Iterable[int] = ()) -> None:
+                 eos_ids: Iterable[int] = (), prompt_ids: Sequence[int] | None = None) -> None:
         self.params = params
         self.eos_ids = list(eos_ids)
         self.sampled = 0
+        self.prompt_ids = list(prompt_ids or ())
+        self.output_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -57,10 +99,48 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits (V,) -> token id."""
+        token = self._sample(self._adjust(logits))
+        if self.logprobs is not None:
+            self.logprobs.append(self._logprob(logits, token))
+        self.output_ids.append(token)
+        return token
+
+    def _adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logit bias, then penalties (as vLLM), then the min_tokens EOS mask."""
         p = self.params
+        penalize = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        if not (p.logit_bias or penalize or (self.sampled < p.min_tokens and self.eos_ids)):
+            return logits
+        logits = logits.float().clone()  # (V,)
+        vocab = logits.shape[-1]
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < vocab]
+            logits[ids] += torch.tensor([p.logit_bias[t] for t in ids])
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(self.prompt_ids) | set(self.output_ids)),
+                                dtype=torch.long)
+            seen = seen[seen < vocab]
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / p.repetition_penalty,
+                                       values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and self.output_ids:
+            counts = torch.bincount(torch.tensor(self.output_ids), minlength=vocab)[:vocab]
+            logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
         if self.sampled < p.min_tokens and self.eos_ids:
-            logits = logits.clone()
             logits[self.eos_ids] = float("-inf")
+        # An extreme penalty can overflow a logit to inf: keep it the largest, but finite.
+        return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+
+    def _logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,) the raw distribution
+        top: list[tuple[int, float]] = []
+        if self.params.logprobs:
+            values, ids = torch.topk(logprobs, min(self.params.logprobs, logprobs.shape[-1]))
+            top = list(zip(ids.tolist(), values.tolist()))
+        return TokenLogprob(token, float(logprobs[token]), top)
+
+    def _sample(self, logits: torch.Tensor) -> int:
+        p = self.params
         self.sampled += 1
         if p.temperature < MIN_TEMPERATURE:  # 0 = greedy; the limit of tinier ones too
             return int(torch.argmax(logits))

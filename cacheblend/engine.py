@@ -334,7 +334,8 @@ class Engine:
     def _first_token(self, seq: Sequence, logits: torch.Tensor) -> None:
         sampling = seq.request.sampling
         try:
-            seq.sampler = Sampler(sampling, self.config.device, self.eos_ids)
+            prompt_ids = seq.segments.ids if sampling.uses_prompt else None
+            seq.sampler = Sampler(sampling, self.config.device, self.eos_ids, prompt_ids)
             seq.stopper = StopChecker(self.tokenizer, sampling, self.eos_ids)
             token = seq.sampler(logits)
         except Exception as exc:  # noqa: BLE001
@@ -353,8 +354,11 @@ class Engine:
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Record a sampled token and send its text; True while the request goes on."""
         delta = seq.stopper.add(token)
-        if delta:
-            seq.send("delta", delta)
+        if delta:  # with the logprobs of the tokens since the last delta (None unless asked)
+            logprobs = seq.sampler.logprobs
+            new = None if logprobs is None else logprobs[seq.logprobs_sent :]
+            seq.logprobs_sent = 0 if logprobs is None else len(logprobs)
+            seq.send("delta", (delta, new))
         if seq.stopper.done or seq.kv.length >= seq.kv.capacity:
             stats = seq.stats
             stats.decode_s = time.perf_counter() - seq.first_token_at
@@ -393,7 +397,7 @@ class Engine:
                 while seq.outbox:
                     kind, value = seq.outbox.popleft()
                     if kind == "delta":
-                        yield value, None
+                        yield value[0], None
                     elif kind == "done":
                         yield "", value
                         return

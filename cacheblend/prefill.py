@@ -100,6 +100,13 @@ class Prefiller:
         cached_rows = torch.zeros(total, dtype=torch.bool)
         for span in planned.plan.cached:
             cached_rows[span.start : span.end] = True
+        plan = planned.plan
+        # Exact-prefix entries: every span of a prefix plan, else the prefix's own entry at 0.
+        prefix_end = (plan.cached[-1].end if planned.method == "prefix" and plan.cached
+                      else len(segments.prefix) if plan.cached and plan.cached[0].start == 0
+                      else 0)
+        reused_rows = cached_rows.clone()
+        reused_rows[computed.cpu()] = False
         elapsed = time.perf_counter() - seq.started
         lookup = planned.lookup
         return RequestStats(
@@ -120,6 +127,7 @@ class Prefiller:
             controller=lookup.reason,
             queue_s=seq.started - seq.created,
             prefill_slices=slices,
+            prefix_reused_tokens=int(reused_rows[:prefix_end].sum()),
         )
 
     def _store_writes(self, seq: Sequence, computed_from: int, captured) -> Callable[[], None]:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from cacheblend.config import LOADING_MODES, METHODS, BlendConfig
-from cacheblend.decode import SamplingParams
+from cacheblend.decode import SamplingParams, TokenLogprob
 from cacheblend.errors import InvalidRequestError
 from cacheblend.prompt import Segments
 
@@ -86,6 +86,7 @@ class RequestStats:
     store_s: float = 0.0  # store writes after the first token (prefix entries, fallback misses)
     queue_s: float = 0.0  # waiting before the prefill started
     prefill_slices: int = 0  # steps the prefill was split over (chunked prefill)
+    prefix_reused_tokens: int = 0  # of reused_tokens, those from exact-prefix entries
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +99,7 @@ class GenerateResult:
     finish_reason: str
     stats: RequestStats
     first_logits: torch.Tensor | None = None
+    logprobs: list[TokenLogprob] | None = None  # per sampled token, when sampling.logprobs set
 
 
 @dataclass

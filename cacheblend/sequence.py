@@ -5,7 +5,8 @@ A sequence moves WAITING -> PREFILL -> RUNNING -> FINISHED. It owns everything a
 request: the resolved settings, the plan, its KV cache, its sampler (and RNG), its stop checker
 and its stats. Nothing is shared between sequences but the weights. Events go to ``emit`` (the
 server's bridge to asyncio) or, without one, to ``outbox`` (``Engine.generate_iter``):
-``("delta", text)``, then ``("done", GenerateResult)`` or ``("error", exception)``.
+``("delta", (text, logprobs))`` (the TokenLogprob entries since the previous delta, None unless
+asked), then ``("done", GenerateResult)`` or ``("error", exception)``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Sequence:
     stopper: StopChecker | None = None
     stats: RequestStats | None = None
     next_token: int = 0
+    logprobs_sent: int = 0  # sampler.logprobs entries already sent with a delta
     started: float = 0.0  # the prefill began
     first_token_at: float = 0.0
     first_logits: torch.Tensor | None = None
@@ -82,7 +84,7 @@ class Sequence:
     def result(self) -> GenerateResult:
         stopper = self.stopper
         return GenerateResult(stopper.text, stopper.tokens, stopper.finish_reason or "length",
-                              self.stats, self.first_logits)
+                              self.stats, self.first_logits, self.sampler.logprobs)
 
 
 @dataclass(eq=False)

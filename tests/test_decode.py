@@ -94,3 +94,68 @@ def test_tiny_temperatures_sample_the_argmax_without_nan(temperature):
     logits = torch.tensor([0.0, 30.0, 29.0, -5.0])
     sampler = Sampler(SamplingParams(max_tokens=2, temperature=temperature, seed=0))
     assert sampler(logits) == 1
+
+
+# --- penalties, logit bias, logprobs (as vLLM) ---------------------------------------------------
+
+
+def test_logit_bias_changes_the_greedy_choice():
+    logits = torch.tensor([5.0, 1.0, 0.0])
+    assert Sampler(SamplingParams())(logits) == 0
+    assert Sampler(SamplingParams(logit_bias={2: 100.0}))(logits) == 2
+    assert Sampler(SamplingParams(logit_bias={0: -100.0}))(logits) == 1
+    assert Sampler(SamplingParams(logit_bias={99: 5.0}))(logits) == 0  # beyond the vocab: no-op
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens_only():
+    logits = torch.tensor([3.0, 2.5, 0.0])
+    # The prompt holds token 0 many times: presence/frequency look at the output only.
+    sampler = Sampler(SamplingParams(frequency_penalty=1.0), prompt_ids=[0, 0, 0, 0])
+    assert [sampler(logits) for _ in range(3)] == [0, 1, 0]  # 3-1 < 2.5; then 2.5-1 < 2
+    sampler = Sampler(SamplingParams(presence_penalty=2.0))
+    logits = torch.tensor([1.0, 0.5, 0.0])
+    assert [sampler(logits) for _ in range(4)] == [0, 1, 2, 0]  # each token once, then the third
+    assert sampler.output_ids == [0, 1, 2, 0]
+
+
+def test_repetition_penalty_covers_prompt_and_output():
+    logits = torch.tensor([3.0, 2.0, -1.0, -1.5])
+    # 3 / 2 = 1.5 < 2: the prompt's token 0 loses to token 1
+    assert Sampler(SamplingParams(repetition_penalty=2.0), prompt_ids=[0])(logits) == 1
+    sampler = Sampler(SamplingParams(repetition_penalty=2.0))
+    assert [sampler(logits) for _ in range(3)] == [0, 1, 0]  # 1.5 > 1.0 after both are seen
+    # negative logits are multiplied: -1 * 2 = -2 < -1.5
+    negative = torch.tensor([-1.0, -1.5])
+    assert Sampler(SamplingParams(repetition_penalty=2.0), prompt_ids=[0])(negative) == 1
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, -3.0])
+    expected = torch.log_softmax(logits, dim=-1)
+    sampler = Sampler(SamplingParams(logprobs=2, logit_bias={3: 100.0}, temperature=0.7, seed=1))
+    token = sampler(logits)
+    assert token == 3  # the bias decides the token, not the reported distribution
+    (entry,) = sampler.logprobs
+    assert entry.token == 3 and entry.logprob == pytest.approx(float(expected[3]))
+    assert [t for t, _ in entry.top] == [0, 1]
+    assert [v for _, v in entry.top] == pytest.approx(expected[:2].tolist())
+    assert Sampler(SamplingParams())(logits) == 0 and Sampler(SamplingParams()).logprobs is None
+    zero = Sampler(SamplingParams(logprobs=0))
+    zero(logits)
+    assert zero.logprobs[0].top == []
+
+
+@pytest.mark.parametrize("bad", [{"presence_penalty": 2.5}, {"frequency_penalty": -3},
+                                 {"repetition_penalty": 0.0}, {"logprobs": 21},
+                                 {"logprobs": -1}, {"logit_bias": {5: 101.0}},
+                                 {"logit_bias": {-1: 1.0}}])
+def test_invalid_penalty_values(bad):
+    with pytest.raises(InvalidRequestError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_extreme_repetition_penalty_stays_finite():
+    logits = torch.tensor([3.0, 2.0, -1.0])
+    sampler = Sampler(SamplingParams(repetition_penalty=1e-300, temperature=1.0, seed=0),
+                      prompt_ids=[0, 1])
+    assert sampler(logits) in (0, 1)  # inf logits would make the probabilities NaN

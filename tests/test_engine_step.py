@@ -55,7 +55,7 @@ def test_requests_stepped_together_equal_each_alone(engine_factory):
     assert max(batch_sizes) == len(QUESTIONS)  # they really decoded together
     results = [s.outbox[-1][1] for s in sequences]
     assert [r.token_ids for r in results] == alone
-    deltas = ["".join(v for k, v in s.outbox if k == "delta") for s in sequences]
+    deltas = ["".join(v[0] for k, v in s.outbox if k == "delta") for s in sequences]
     assert deltas == [r.text for r in results]
 
 

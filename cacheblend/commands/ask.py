@@ -53,9 +53,24 @@ def run(args: argparse.Namespace) -> int:
     for delta, result in engine.generate_iter(request):
         print(delta, end="", flush=True)
         final = result or final
-    stats = final.stats
-    print(f"\n[{stats.method}{'' if stats.ratio is None else f' ratio={stats.ratio}'}] "
-          f"TTFT {stats.ttft_s:.2f}s, {stats.prompt_tokens} prompt tokens: "
-          f"{stats.reused_tokens} reused, {stats.recomputed_tokens} recomputed, "
-          f"{stats.missed_tokens} missed")
+    print("\n" + summary(final.stats))
     return 0
+
+
+def summary(stats) -> str:
+    """The stats line: what ran and why, TTFT, and the prompt tokens as a sum that adds up
+    (reused + recomputed + not cached = prompt; see docs/serving.md for each count)."""
+    ran = stats.method + ("" if stats.ratio is None else f" ratio={stats.ratio:g}")
+    if stats.requested_method and stats.requested_method != stats.method:
+        ran += f" instead of {stats.requested_method}"
+    reason = stats.controller if stats.controller and stats.controller != "requested" else ""
+    head = f"[{ran}{': ' + reason if reason else ''}]"
+    fresh = stats.prompt_tokens - stats.reused_tokens - stats.recomputed_tokens
+    line = (f"{head} TTFT {stats.ttft_s:.2f}s; {stats.prompt_tokens} prompt tokens = "
+            f"{stats.reused_tokens} reused + {stats.recomputed_tokens} recomputed + "
+            f"{fresh} not cached")
+    if stats.missed_tokens:
+        when = ("stored after the answer" if stats.method == "full"
+                else "computed and stored first, then used like hits")
+        line += f"; {stats.missed_tokens} of them were not in the store ({when})"
+    return line

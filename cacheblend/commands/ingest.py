@@ -1,6 +1,9 @@
 """`cacheblend ingest FILE ...`: precompute and store documents' KV caches, here or through a
 running server (``--server URL``: uploaded to ``POST /v1/documents``, whose precompute runs in
-the server's background lane, between live requests)."""
+the server's background lane, between live requests).
+
+Here, a store that cannot be reached or written is an error (exit 2, one line), checked before
+any work and again after: every tier must hold every document's entry."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from tqdm import tqdm
 
 from cacheblend import env
 from cacheblend.commands.ask import read_documents
-from cacheblend.commands.common import add_engine_args, make_engine
+from cacheblend.commands.common import add_engine_args, engine_config, make_engine
 from cacheblend.errors import CacheBlendError
 
 UPLOAD_BATCH = 8  # documents per POST: progress shows, a failure loses little
@@ -30,11 +33,20 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cacheblend.store.factory import open_store
+    from cacheblend.store.ops import check_store, check_written
+
     documents = read_documents(args.files)
     if args.server:
         return _upload(args, documents)
+    store = open_store(engine_config(args).store)  # checked before the model loads
+    try:
+        check_store(store)
+    finally:
+        store.close()
     engine = make_engine(args)
     results = engine.ingest(documents)
+    check_written(engine.store, [result.key for result in results])
     for path, result in zip(args.files, results):
         print(json.dumps({"file": path, "key": result.key, "tokens": result.num_tokens,
                           "already_stored": result.cached}))

@@ -133,7 +133,7 @@ def _decode_labels(args: argparse.Namespace, precompute: list[str] | None) -> se
 
 def run(args: argparse.Namespace) -> int:
     from cacheblend.engine import Engine
-    from cacheblend.eval.datasets import load_dataset
+    from cacheblend.eval.datasets import load_common_file, load_dataset
     from cacheblend.eval.methods import parse_methods
     from cacheblend.eval.plots import plot_dataset, plot_ttft_vs_length
     from cacheblend.eval.report import dataset_table, sweep_table, write_report
@@ -150,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     lengths = _int_list(args.sweep_lengths, "--sweep-lengths") if args.sweep else []
     command = command_line(args)
     out_dir = Path(args.out)
+    if args.data:
+        load_common_file(args.data)  # a malformed file fails before the model loads
     engine = Engine(engine_config(args))
     progress = not args.no_progress
 
@@ -181,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         plots["ttft_sweep"] = {"ttft_vs_length": plot_ttft_vs_length(
             sweep, out_dir / "ttft_vs_length.png")}
 
+    this_run = list(summaries)
     summaries = _with_earlier_summaries(out_dir, summaries, plots)
     commands = list(dict.fromkeys([s["command"] for s in summaries]
                                   + ([sweep["command"]] if sweep else [])))
@@ -188,11 +191,11 @@ def run(args: argparse.Namespace) -> int:
     if args.report_dir:
         report = write_report(args.report_dir, summaries, sweep, commands, plots)
 
-    if args.json:
-        if len(summaries) == 1:
-            output = dict(summaries[0])
+    if args.json:  # this run's results only; the report also covers earlier datasets
+        if len(this_run) == 1:
+            output = dict(this_run[0])
         else:
-            output = {"datasets": {s["dataset"]: s for s in summaries}}
+            output = {"datasets": {s["dataset"]: s for s in this_run}}
         if args.sweep:
             output["ttft_sweep"] = sweep
         output["report"] = str(report)

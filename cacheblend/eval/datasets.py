@@ -126,24 +126,61 @@ def _ctx_text(ctx) -> str:
     return f"{title}\n{text}" if title else text
 
 
+def _check_row(row, where: str) -> None:
+    """A row of the common format, or a CacheBlendError saying which field is wrong and how."""
+    if not isinstance(row, dict):
+        raise CacheBlendError(f"{where} is {type(row).__name__}, not an object "
+                              "{question, answers, ctxs}")
+    missing = [k for k in ("question", "answers", "ctxs") if k not in row]
+    if missing:
+        raise CacheBlendError(f"{where} has no {', '.join(missing)}; each row needs "
+                              "question, answers and ctxs")
+    if not isinstance(row["question"], str) or not row["question"].strip():
+        raise CacheBlendError(f"{where}: question must be a non-empty string")
+    answers, ctxs = row["answers"], row["ctxs"]
+    if isinstance(answers, str) and answers.strip().startswith("["):
+        raise CacheBlendError(f"{where}: answers is a string that looks like a list "
+                              f"({answers[:40]!r}); write it as a JSON list of strings")
+    if not isinstance(answers, str) and not _strings(answers):
+        raise CacheBlendError(f"{where}: answers must be a string or a JSON list of strings "
+                              "(or of lists of aliases)")
+    if not isinstance(ctxs, list):
+        raise CacheBlendError(f"{where}: ctxs is {type(ctxs).__name__}, not a JSON list of "
+                              "passages ({title, text} objects or strings)")
+    for number, ctx in enumerate(ctxs):
+        ok = isinstance(ctx, str) or (isinstance(ctx, dict) and isinstance(ctx.get("text"), str)
+                                      and isinstance(ctx.get("title", ""), str | None))
+        if not ok:
+            raise CacheBlendError(f"{where}: ctxs[{number}] must be a string or "
+                                  "{title, text} with string values")
+
+
+def _strings(value) -> bool:
+    """A non-empty list of strings, or of lists of strings."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        for v in value
+    )
+
+
 def load_common_file(path: str | Path, name: str | None = None) -> list[Example]:
-    """``[{question, answers, ctxs: [{title, text}]}]`` -> QA examples, ids ``<name>-<index>``."""
+    """``[{question, answers, ctxs: [{title, text}]}]`` -> QA examples, ids ``<name>-<index>``.
+    Every row is checked first: a wrong field is an error naming the row and the field."""
     path = Path(path)
     rows = _read_json(path)
     if not isinstance(rows, list):
         raise CacheBlendError(f"{path}: expected a JSON list of {{question, answers, ctxs}}")
+    if not rows:
+        raise CacheBlendError(f"{path}: the list is empty")
     name = name or path.stem
     examples = []
     for index, row in enumerate(rows):
-        try:
-            examples.append(Example(
-                id=f"{name}-{index}", kind="qa", query=row["question"].strip(),
-                documents=tuple(_ctx_text(c) for c in row["ctxs"]),
-                answers=_flatten_answers(row["answers"]),
-            ))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise CacheBlendError(f"{path}: row {index} is not {{question, answers, ctxs}}: "
-                                  f"{exc!r}") from exc
+        _check_row(row, f"{path}: row {index}")
+        examples.append(Example(
+            id=f"{name}-{index}", kind="qa", query=row["question"].strip(),
+            documents=tuple(_ctx_text(c) for c in row["ctxs"]),
+            answers=_flatten_answers(row["answers"]),
+        ))
     return examples
 
 

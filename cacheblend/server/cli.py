@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 from cacheblend import env
 from cacheblend.commands.common import add_engine_args, make_engine
 from cacheblend.config import METHODS
+from cacheblend.errors import CacheBlendError
 from cacheblend.server.settings import ServerSettings
+from cacheblend.store.ops import redact
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,19 @@ def add_parser(subparsers) -> None:
         help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are "
         f"cancelled (default {defaults.drain_timeout_s:g})",
     )
-    parser.add_argument("--served-model-name", help="model id clients use (default: the model's)")
+    parser.add_argument(
+        "--served-model-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an id clients may pass as model; repeat for aliases, the first is the one "
+        "responses carry (default: the model's name; the model's own name is always accepted)",
+    )
+    parser.add_argument(
+        "--disable-log-requests",
+        action="store_true",
+        help="no log line per request (default: one INFO line each)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -93,7 +107,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host,
         port=args.port,
         api_key=args.api_key or env.api_key(),
-        served_model_name=args.served_model_name,
+        served_model_names=tuple(args.served_model_name),
         max_body_bytes=args.max_body_bytes,
         max_document_chars=args.max_document_chars,
         separator=args.separator,
@@ -103,19 +117,26 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_queue=args.max_queue,
         max_tokens_limit=args.max_tokens_limit,
         drain_timeout_s=args.drain_timeout,
+        log_requests=not args.disable_log_requests,
     )
 
 
-def redact(url: str) -> str:
-    """A store URL without passwords, for logs."""
-    parts = []
-    for part in url.split(","):
-        split = urlsplit(part)
-        if split.password:
-            netloc = f"***@{split.hostname}" + (f":{split.port}" if split.port else "")
-            part = urlunsplit(split._replace(netloc=netloc))
-        parts.append(part)
-    return ",".join(parts)
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use is a one-line error
+    at once, not after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CacheBlendError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+            "choose another --port or stop what is using it"
+        ) from exc
+    sock.listen(2048)
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
     from cacheblend.server.drain import DrainingServer
 
     settings = settings_from_args(args)  # validate flags before loading the model
+    sock = bind(settings.host, settings.port)
+    if settings.log_requests:
+        logging.getLogger("cacheblend.server.requests").setLevel(logging.INFO)
     engine = make_engine(args)
     app = create_app(engine, settings)
     if not settings.is_loopback and settings.api_key is None:
@@ -133,13 +157,12 @@ def run(args: argparse.Namespace) -> int:
         )
     name = settings.served_model_name or engine.loaded.name
     print(
-        f"cacheblend: serving {name} on http://{settings.host}:{settings.port} "
+        f"cacheblend: serving {name} on http://{settings.host}:{sock.getsockname()[1]} "
         f"(store {redact(engine.config.store)}, key {'on' if settings.api_key else 'off'})",
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                            timeout_graceful_shutdown=5)
-    DrainingServer(config, app.state.scheduler, settings.drain_timeout_s).run()
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.scheduler, settings.drain_timeout_s).run(sockets=[sock])
     print("cacheblend: stopped", file=sys.stderr, flush=True)
     return 0

@@ -50,6 +50,10 @@ class DocumentRegistry(ABC):
     @abstractmethod
     def delete(self, doc_id: str) -> bool: ...
 
+    @abstractmethod
+    def ids(self) -> list[str]:
+        """Every registered id, sorted."""
+
     def close(self) -> None:
         """Release connections; the default has nothing to release."""
 
@@ -75,6 +79,10 @@ class MemoryDocuments(DocumentRegistry):
     def delete(self, doc_id: str) -> bool:
         with self._lock:
             return self._documents.pop(doc_id, None) is not None
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._documents)
 
 
 class RedisDocuments(DocumentRegistry):
@@ -110,6 +118,11 @@ class RedisDocuments(DocumentRegistry):
 
     def delete(self, doc_id: str) -> bool:
         return bool(self._call(self._client.delete, self.prefix + doc_id))
+
+    def ids(self) -> list[str]:
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix) + "*"
+        names = self._call(lambda: list(self._client.scan_iter(match=pattern, count=1000)))
+        return sorted(name.decode()[len(self.prefix) :] for name in names)
 
     def close(self) -> None:
         self._client.close()

@@ -107,19 +107,81 @@ def _most_specific(errors: list[dict]) -> dict:
     )
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a JSON object",
+    "model_type": "a JSON object",
+    "model_attributes_type": "a JSON object",
+}
+
+
+def _explain(error: dict, param: str | None) -> str:
+    """A pydantic error as a sentence naming the field, what it must be, and what came."""
+    kind = str(error.get("type", ""))
+    ctx = error.get("ctx") or {}
+    field = param or "the request body"
+    given = error.get("input")
+    got = "" if isinstance(given, dict | list) or given is None else f", got {given!r}"
+    if kind == "missing":
+        return f"{field} is required"
+    if kind == "extra_forbidden":
+        return f"{field} is not a known field here; remove it (check its spelling)"
+    if kind in _TYPE_NAMES:
+        sent = type(given).__name__ if given is not None else "null"
+        sent = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+                "list": "a list", "dict": "an object", "NoneType": "null"}.get(sent, sent)
+        return f"{field} must be {_TYPE_NAMES[kind]}, not {sent}{got}"
+    bounds = {
+        "greater_than_equal": ">=",
+        "greater_than": ">",
+        "less_than_equal": "<=",
+        "less_than": "<",
+    }
+    if kind in bounds:
+        limit = next(iter(ctx.values()), "?")
+        return f"{field} must be {bounds[kind]} {limit}{got}"
+    if kind == "literal_error":
+        return f"{field} must be one of {ctx.get('expected', '?')}{got}"
+    if kind == "too_short":
+        return f"{field} must have at least {ctx.get('min_length', 1)} item(s)"
+    if kind == "too_long":
+        return f"{field} may have at most {ctx.get('max_length', '?')} item(s)"
+    if kind == "string_too_short":
+        return f"{field} must not be empty"
+    if kind == "string_pattern_mismatch":
+        return f"{field} must match the pattern {ctx.get('pattern', '')}{got}"
+    if kind == "value_error":
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        return f"{field}: {message}" if param else message
+    return f"{field}: {error.get('msg')}" if param else str(error.get("msg"))
+
+
+def _validation_error(exc: RequestValidationError, sent_type: str | None = None) -> ApiError:
     errors = list(exc.errors())
     if not errors:
         return ApiError(400, "invalid request", code="invalid_request")
     first = _most_specific(errors)
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
-        return ApiError(
-            400, f"the request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json"
-        )
+        message = f"the request body is not valid JSON: {detail}".rstrip(": ")
+        if sent_type:
+            message += (
+                f" (it was sent as {sent_type}; the body must be JSON: with curl, "
+                "-H 'Content-Type: application/json' -d '{...}')"
+            )
+        return ApiError(400, message, code="invalid_json")
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "missing" and param is None:
         return ApiError(400, "the request needs a JSON body", code="missing_body")
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+        return ApiError(400, "the request body must be a JSON object", code="invalid_body")
     # Union branches of the same value are one problem, not several.
     others = len(
         {
@@ -129,8 +191,7 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         }
     )
     more = f" (and {others} more problems)" if others else ""
-    message = f"{param}: {first.get('msg')}{more}" if param else f"{first.get('msg')}{more}"
-    return ApiError(400, message, param=param, code=first.get("type"))
+    return ApiError(400, _explain(first, param) + more, param=param, code=first.get("type"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -139,8 +200,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        error = _validation_error(exc)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = _validation_error(exc, request.scope.get("state", {}).get("sent_content_type"))
         return error_response(error.status, error.message, error.param, error.code)
 
     @app.exception_handler(StarletteHTTPException)

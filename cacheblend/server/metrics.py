@@ -14,12 +14,27 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cacheblend.store.base import KVStore, StoreStats
+from cacheblend.store.ops import tier_problem
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
 TOKEN_KINDS = ("prompt", "completion", "reused", "recomputed", "computed", "missed")
+
+
+def served_method(stats: dict) -> str:
+    """What ran, for labels and logs: the engine's method, except that a fusion method with no
+    chunks to fuse ran as a plain prefill (``full``), or as ``prefix`` when its prefix KV came
+    from the cache."""
+    method = stats.get("method", "unknown")
+    if method in ("blend", "reuse", "epic") and not stats.get("chunk_tokens"):
+        return "prefix" if stats.get("reused_tokens") else "full"
+    return method
+
+
+def _tiers(store: KVStore) -> list[KVStore]:
+    return list(getattr(store, "tiers", None) or [store])
 
 
 def tier_stats(store: KVStore) -> list[StoreStats]:
@@ -46,13 +61,19 @@ class StoreCollector(Collector):
         )
         entries = GaugeMetricFamily("cacheblend_store_entries", "Entries held", labels=["tier"])
         size = GaugeMetricFamily("cacheblend_store_bytes", "Bytes held", labels=["tier"])
+        available = GaugeMetricFamily(
+            "cacheblend_store_available",
+            "1 if the tier can be reached and written now, 0 if not (see /health)",
+            labels=["tier"],
+        )
         try:
             stats = tier_stats(self.store)
+            tiers = _tiers(self.store)
         except Exception:  # a scrape must never fail because a tier is down
             log.warning("could not read store stats", exc_info=True)
-            stats = []
+            stats, tiers = [], []
         seen: dict[str, int] = {}
-        for tier in stats:
+        for index, tier in enumerate(stats):
             seen[tier.name] = seen.get(tier.name, 0) + 1
             label = tier.name if seen[tier.name] == 1 else f"{tier.name}{seen[tier.name]}"
             hits.add_metric([label], tier.hits)
@@ -60,7 +81,9 @@ class StoreCollector(Collector):
             errors.add_metric([label], tier.errors)
             entries.add_metric([label], tier.entries)
             size.add_metric([label], tier.bytes)
-        yield from (hits, misses, errors, entries, size)
+            if index < len(tiers):
+                available.add_metric([label], 0 if tier_problem(tiers[index]) else 1)
+        yield from (hits, misses, errors, entries, size, available)
 
 
 class ServerMetrics:
@@ -92,6 +115,16 @@ class ServerMetrics:
             "Tokens by kind: prompt, completion, "
             "reused (KV from cache), recomputed, computed, missed (no entry)",
             ["kind"],
+            registry=registry,
+        )
+        self.prefix_reused = Counter(
+            "cacheblend_prefix_reused_tokens",
+            "Reused prompt tokens from exact-prefix entries (what prefix caching also reuses)",
+            registry=registry,
+        )
+        self.chunk_reused = Counter(
+            "cacheblend_chunk_reused_tokens",
+            "Reused prompt tokens from chunk entries at any position (what only blending reuses)",
             registry=registry,
         )
         self.requests = Counter(
@@ -128,7 +161,7 @@ class ServerMetrics:
 
     def observe_request(self, stats: dict, queue_s: float, ttft_s: float, latency_s: float) -> None:
         """A finished generation: ``stats`` is ``RequestStats.to_dict()``."""
-        method = stats.get("method", "unknown")
+        method = served_method(stats)
         self.queue_wait.observe(queue_s)
         self.ttft.labels(method=method).observe(ttft_s)
         self.latency.labels(method=method).observe(latency_s)
@@ -139,6 +172,9 @@ class ServerMetrics:
         tokens.labels(kind="recomputed").inc(stats.get("recomputed_tokens", 0))
         tokens.labels(kind="computed").inc(stats.get("computed_tokens", 0))
         tokens.labels(kind="missed").inc(stats.get("missed_tokens", 0))
+        prefix = stats.get("prefix_reused_tokens", 0)
+        self.prefix_reused.inc(prefix)
+        self.chunk_reused.inc(stats.get("reused_tokens", 0) - prefix)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

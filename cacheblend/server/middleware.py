@@ -1,15 +1,21 @@
-"""Plain ASGI middleware, outermost first: count requests by status, check the API key, cap the
-body size. The key is checked before a byte of the body is read."""
+"""Plain ASGI middleware, outermost first: count and log requests by status, check the API key,
+cap the body size, read any POST body as JSON. The key is checked before a byte of the body is
+read."""
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
+import time
+import uuid
 
 from cacheblend.server.errors import error_body
 from cacheblend.server.metrics import ServerMetrics
 
 OPEN_PATHS = ("/health",)
+QUIET_PATHS = ("/health", "/metrics")  # polled: not logged per request
+request_log = logging.getLogger("cacheblend.server.requests")
 
 
 async def _send_error(
@@ -31,23 +37,36 @@ async def _send_error(
 
 
 class RequestCounter:
-    """Counts every HTTP response by endpoint and status (499: the client left first)."""
+    """Counts every HTTP response by endpoint and status (499: the client left first), and
+    logs one line per request: id, method and path, status, time and, for a generation, the
+    method served, tokens, reused tokens and TTFT (the handler leaves them in
+    ``request.state.served``). The id is the response's id when it has one, and goes back in
+    the ``X-Request-Id`` header."""
 
-    def __init__(self, app, metrics: ServerMetrics, endpoints: set[str]) -> None:
+    def __init__(
+        self, app, metrics: ServerMetrics, endpoints: set[str], log_requests: bool = True
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.endpoints = endpoints
+        self.log_requests = log_requests
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = 499
+        state = scope.setdefault("state", {})
+        state.setdefault("request_id", f"req-{uuid.uuid4().hex[:24]}")
+        start = time.perf_counter()
 
         async def counting_send(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = [*message.get("headers", []),
+                           (b"x-request-id", state["request_id"].encode())]
+                message = {**message, "headers": headers}
             await send(message)
 
         path = scope.get("path", "")
@@ -60,6 +79,18 @@ class RequestCounter:
             await self.app(scope, receive, counting_send)
         finally:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            if self.log_requests and path not in QUIET_PATHS:
+                served = state.get("served") or {}
+                fields = "".join(f" {k}={v}" for k, v in served.items())
+                request_log.info(
+                    "%s %s %s %d%s time=%.3fs",
+                    state["request_id"],
+                    scope.get("method", ""),
+                    path,
+                    status,
+                    fields,
+                    time.perf_counter() - start,
+                )
 
 
 class ApiKeyCheck:
@@ -135,3 +166,31 @@ class BodyLimit:
         await _send_error(
             send, 413, f"request body exceeds {self.max_bytes} bytes", "body_too_large"
         )
+
+
+JSON_TYPES = (b"application/json",)
+
+
+class JsonContentType:
+    """Reads every request body as JSON, whatever its content type: ``curl -d '{...}'`` sends
+    ``application/x-www-form-urlencoded``, and refusing a JSON body for its label helps nobody.
+    The type that was sent is kept (``state["sent_content_type"]``) so a body that is not JSON
+    gets a 400 that says what to send instead."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        sent = dict(scope["headers"]).get(b"content-type", b"")
+        media = sent.split(b";")[0].strip().lower()
+        if media in JSON_TYPES or media.endswith(b"+json"):
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["sent_content_type"] = sent.decode("latin-1") or "no content type"
+        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

@@ -5,7 +5,7 @@ sleeps on the engine's condition otherwise. Everything about a request's life (a
 chunked prefill, batched decode, stopping, store writes after the first token, the background
 lane for uploads) is the engine's; this module only carries events back to the event loop.
 
-Each job gets an ``asyncio.Queue``: ``("delta", text)``, then ``("done", (GenerateResult,
+Each job gets an ``asyncio.Queue``: ``("delta", (text, logprobs))``, then ``("done", (GenerateResult,
 queue_s))`` or ``("done", value)`` for a call, or ``("error", exception)``. Cancelling a job (its
 client left) aborts its sequence; the engine drops it, and frees its KV, at the next step.
 """

@@ -16,7 +16,9 @@ class ServerSettings:
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     api_key: str | None = None  # required on every endpoint but /health when set
-    served_model_name: str | None = None  # None: the loaded model's name
+    # Ids clients may pass as ``model``; the first is the one responses carry. Empty: the
+    # loaded model's name. The model's own name (and ``org/<name>``) is accepted in any case.
+    served_model_names: tuple[str, ...] = ()
     max_body_bytes: int = 4 << 20
     max_document_chars: int = 256 << 10  # one document's text, in characters
     max_documents_per_request: int = 64
@@ -30,6 +32,8 @@ class ServerSettings:
     max_queue: int = 256  # waiting requests beyond this are refused with 429
     drain_timeout_s: float = 30.0  # on SIGTERM/SIGINT, in-flight requests get this long
     retry_after_s: int = 5  # Retry-After on a 503 while draining
+    max_choices: int = 16  # n x prompts per request
+    log_requests: bool = True  # one INFO line per request (cacheblend.server.requests)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -52,6 +56,7 @@ class ServerSettings:
             "max_tokens_limit",
             "max_batch_size",
             "max_queue",
+            "max_choices",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -59,6 +64,13 @@ class ServerSettings:
             raise ConfigError("drain_timeout_s and retry_after_s must be >= 0")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ConfigError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if any(not name.strip() for name in self.served_model_names):
+            raise ConfigError("served_model_names must not be blank")
+
+    @property
+    def served_model_name(self) -> str | None:
+        """The id responses carry (None: the loaded model's name)."""
+        return self.served_model_names[0] if self.served_model_names else None
 
     @property
     def is_loopback(self) -> bool:

@@ -1,4 +1,5 @@
-"""`cacheblend store stats|clear|verify --store URL`."""
+"""`cacheblend store stats|clear|verify --store URL`. A store that cannot be reached, or entries
+that could not be deleted, are a one-line error and exit status 2, never zeros."""
 
 from __future__ import annotations
 

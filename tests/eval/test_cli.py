@@ -24,7 +24,8 @@ def test_eval_end_to_end(tmp_path, capsys, data_dir):
     # A later run of another dataset into the same directory: the report covers both.
     argv[argv.index("musique")] = "2wikimqa"
     assert main(argv) == 0
-    capsys.readouterr()
+    second = json.loads(capsys.readouterr().out)
+    assert second["dataset"] == "2wikimqa"  # --json: this run only, not musique's left there
     report = (out / "results.md").read_text()
     assert "## musique" in report and "## 2wikimqa" in report
 
@@ -50,3 +51,18 @@ def test_ttft_sweep_with_peers(tmp_path, capsys):
 def test_bad_method_spec_is_a_one_line_error(capsys):
     assert main(["eval", "--methods", "full,blend@7"]) == 2
     assert "blend@7" in capsys.readouterr().err
+
+
+def test_malformed_data_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    rows = [{"question": "Who?", "answers": "['Ann', 'Bo']", "ctxs": "[{'text': 'x'}]"}]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(rows))
+    assert main(["eval", "--data", str(path), "--out", str(tmp_path / "o"), "--json"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "row 0" in line and "answers" in line and "JSON list" in line
+    rows[0]["answers"] = ["Ann"]
+    path.write_text(json.dumps(rows))
+    assert main(["eval", "--data", str(path), "--out", str(tmp_path / "o"), "--json"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "row 0: ctxs is str, not a JSON list" in line
+    assert not (tmp_path / "o").exists()

@@ -90,12 +90,19 @@ def test_missing_model_and_body(http):
         ({"max_tokens": -5}, "max_tokens"),
         ({"max_tokens": 10**9}, "max_tokens"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
         ({"seed": 2**70}, "seed"),
         ({"stop": ["a", "b", "c", "d", "e"]}, None),
         ({"stop": [""]}, None),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {"hello": 5}}, "logit_bias"),
+        ({"logit_bias": {"10": 101}}, "logit_bias"),
+        ({"logit_bias": {"999999999": 1}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"cacheblend": {"ratio": 1.5}}, "cacheblend.ratio"),
         ({"cacheblend": {"ratio": -0.1}}, "cacheblend.ratio"),
     ],
@@ -230,8 +237,11 @@ def test_separator_and_documents_together(http, body):
 def test_completion_specific(http, model_name):
     request = {"model": model_name, "max_tokens": 1}
     assert_error(
-        http.post("/v1/completions", json={**request, "prompt": ["a", "b"]}), 400, param="prompt"
+        http.post("/v1/completions", json={**request, "prompt": [[1, 2], [10**9]]}),
+        400,
+        param="prompt[1]",
     )
+    assert_error(http.post("/v1/completions", json={**request, "prompt": []}), 400)
     assert_error(
         http.post("/v1/completions", json={**request, "prompt": [10**9]}), 400, param="prompt"
     )

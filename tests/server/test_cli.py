@@ -91,3 +91,23 @@ def test_no_pickle_in_the_server():
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert not any("pickle" in n or n == "marshal" for n in names), path
+
+
+def test_served_model_name_repeats():
+    settings = settings_from_args(parse("--served-model-name", "a", "--served-model-name", "b"))
+    assert settings.served_model_names == ("a", "b") and settings.served_model_name == "a"
+    assert settings_from_args(parse()).served_model_name is None
+    assert not settings_from_args(parse("--disable-log-requests")).log_requests
+
+
+def test_unexpected_errors_are_one_line(capsys, monkeypatch):
+    import cacheblend.store.cli
+
+    def boom(_args):
+        raise RuntimeError("something nobody foresaw")
+
+    monkeypatch.setattr(cacheblend.store.cli, "run", boom)
+    assert main(["store", "stats", "--store", "memory"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: RuntimeError: something nobody foresaw "
+                           "(rerun with -v for the traceback)")

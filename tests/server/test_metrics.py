@@ -63,3 +63,63 @@ def test_unauthorized_requests_are_counted(live, http):
     after = scrape(http)
     key = ("cacheblend_requests_total", (("endpoint", "/v1/models"), ("status", "401")))
     assert after[key] - before.get(key, 0.0) == 1
+
+
+def test_labels_say_what_ran(http, model_name):
+    """No documents: nothing is fused, so the label is not the requested `blend`."""
+    before = scrape(http)
+    completion = http.post("/v1/completions", json={
+        "model": model_name, "prompt": "Plain text, no documents", "max_tokens": 1}).json()
+    assert completion["cacheblend"]["method"] == "blend"  # what was asked (engine stats)
+    after = scrape(http)
+    count = "cacheblend_time_to_first_token_seconds_count"
+    assert value(after, count, method="full") - value(before, count, method="full") == 1
+    assert value(after, count, method="blend") == value(before, count, method="blend")
+
+    chats = [http.post("/v1/chat/completions", json={
+        "model": model_name, "max_tokens": 1,
+        "messages": [{"role": "user", "content": "A plain chat"}]}).json() for _ in range(2)]
+    later = scrape(http)
+    assert chats[1]["cacheblend"]["reused_tokens"] > 0  # the chat template's prefix, cached
+    assert value(later, count, method="prefix") - value(after, count, method="prefix") >= 1
+    assert value(later, count, method="blend") == value(before, count, method="blend")
+
+
+def test_prefix_and_chunk_reuse_are_separate_counters(http, model_name):
+    docs = [f"{d} (Edition {i}.)" for i, d in enumerate(DOCS)]
+    body = {"model": model_name, "max_tokens": 1, "documents": docs,
+            "messages": [{"role": "user", "content": "What flows into the lake?"}]}
+    http.post("/v1/chat/completions", json=body)  # stores what it misses
+    before = scrape(http)
+    stats = http.post("/v1/chat/completions", json=body).json()["cacheblend"]
+    after = scrape(http)
+
+    def delta(name):
+        return value(after, name) - value(before, name)
+
+    assert stats["method"] == "blend" and 0 < stats["prefix_reused_tokens"] < stats[
+        "reused_tokens"]
+    assert delta("cacheblend_prefix_reused_tokens_total") == stats["prefix_reused_tokens"]
+    assert delta("cacheblend_chunk_reused_tokens_total") == (
+        stats["reused_tokens"] - stats["prefix_reused_tokens"])
+
+
+def test_one_log_line_per_request(http, model_name, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="cacheblend.server.requests"):
+        response = http.post("/v1/chat/completions", json={
+            "model": model_name, "max_tokens": 2,
+            "messages": [{"role": "user", "content": "Log me"}]})
+        http.post("/v1/chat/completions", json={"model": model_name})  # a 400
+    lines = [r.getMessage() for r in caplog.records if r.name == "cacheblend.server.requests"]
+    assert len(lines) == 2, lines
+    body = response.json()
+    assert response.headers["x-request-id"] == body["id"]
+    ok = lines[0]
+    assert ok.startswith(f"{body['id']} POST /v1/chat/completions 200 ")
+    usage = body["usage"]
+    for field in (f"prompt={usage['prompt_tokens']}", f"completion={usage['completion_tokens']}",
+                  f"reused={body['cacheblend']['reused_tokens']}", "method=", "ttft="):
+        assert field in ok, ok
+    assert " POST /v1/chat/completions 400 " in lines[1]
