@@ -76,8 +76,9 @@ def _drain(drain_timeout: float, max_tokens: int):
     process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     health = httpx.get(url + "/health", timeout=5)
+    model = httpx.get(url + "/v1/models", timeout=5).json()["data"][0]["id"]
     refused = httpx.post(url + "/v1/chat/completions", timeout=5, json={
-        "model": "x", "messages": [{"role": "user", "content": "Hi"}]})
+        "model": model, "messages": [{"role": "user", "content": "Hi"}]})
     for thread in threads:
         thread.join(120)
     _, stderr = process.communicate(timeout=60)
