@@ -46,7 +46,7 @@ def test_batched_decode_step_matches_one_at_a_time(engine_factory):
 
 
 def test_requests_stepped_together_equal_each_alone(engine_factory):
-    engine = engine_factory()
+    engine = engine_factory(prefill_step_s=float("inf"))  # all admitted in the first step
     alone = [engine.generate(_greedy(q)).token_ids for q in QUESTIONS]
     sequences = [engine.add_request(_greedy(q)) for q in QUESTIONS]
     batch_sizes = []
@@ -133,20 +133,33 @@ def test_time_budget_pauses_a_prefill_between_layers(engine_factory):
 
 
 def test_background_lane_yields_to_live_requests(engine_factory):
-    """An upload's precompute runs one document per step; a live request added meanwhile is
-    served before the rest of the upload."""
+    """Background work runs a layer at a time and stops as soon as a live request arrives;
+    while one waits or prefills, no background work runs; the upload finishes afterwards."""
     engine = engine_factory()
     documents = [f"Document number {i} talks about topic {i} at some length." for i in range(8)]
-    order = []
-    upload = engine.submit(slices=engine.ingest_slices(documents), background=True,
-                           emit=lambda kind, value: order.append(("upload", kind)))
-    engine.step()  # one slice
-    chat = engine.add_request(_greedy("Hi", max_tokens=2),
-                              emit=lambda kind, value: order.append(("chat", kind)))
+    order, advanced = [], []
+    upload = engine.ingest_slices(documents)
+
+    def slices():  # the upload, with a live request arriving after its third layer
+        while True:
+            if len(advanced) == 3:
+                engine.add_request(_greedy("Hi", max_tokens=2),
+                                   emit=lambda kind, value: order.append(("chat", kind)))
+            try:
+                yield next(upload)
+            except StopIteration as done:
+                return done.value
+            advanced.append(1)
+
+    task = engine.submit(slices=slices(), background=True,
+                         emit=lambda kind, value: order.append(("upload", kind)))
+    engine.step()
+    assert len(advanced) == 3  # it stopped for the live request
     while engine.has_work():
         engine.step()
     assert order.index(("chat", "done")) < order.index(("upload", "done"))
-    assert chat.finished and not upload.cancelled
+    assert len(advanced) > 3 * engine.runner.num_layers  # layers of several documents
+    assert not task.cancelled
     assert engine.ingest(documents, progress=False)[0].cached  # the upload stored them
 
 

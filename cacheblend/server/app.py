@@ -181,6 +181,17 @@ def create_app(
             token_texts[:] = [table]
         return token_texts[0]
 
+    async def stored_document(document_id: str) -> StoredDocument:
+        stored = await registry_call(registry.get, document_id)
+        if stored is None:
+            raise ApiError(
+                404,
+                f"document {document_id!r} not found",
+                param="document_id",
+                code="document_not_found",
+            )
+        return stored
+
     async def resolve(items: list | None) -> list[str]:
         """Request documents -> texts (uploaded ones looked up by id)."""
         items = items or []
@@ -407,14 +418,7 @@ def create_app(
 
     @app.get("/v1/documents/{document_id}", response_model=DocumentDetail, responses=ERRORS)
     async def get_document(document_id: str = Path(pattern=DOCUMENT_ID_PATTERN)) -> dict:
-        stored = await registry_call(registry.get, document_id)
-        if stored is None:
-            raise ApiError(
-                404,
-                f"document {document_id!r} not found",
-                param="document_id",
-                code="document_not_found",
-            )
+        stored = await stored_document(document_id)
         key = await _wait(submit(lambda: engine.document_key(stored.text), True))
         (cached,) = await run_in_threadpool(held_everywhere, engine.store, [key])
         return {"id": document_id, "object": "document", "num_tokens": stored.num_tokens,
@@ -423,14 +427,7 @@ def create_app(
     @app.delete("/v1/documents/{document_id}", response_model=DocumentDeleted, responses=ERRORS)
     async def delete_document(document_id: str = Path(pattern=DOCUMENT_ID_PATTERN)) -> dict:
         """Forget a document and drop its KV entry (a later use recomputes it)."""
-        stored = await registry_call(registry.get, document_id)
-        if stored is None:
-            raise ApiError(
-                404,
-                f"document {document_id!r} not found",
-                param="document_id",
-                code="document_not_found",
-            )
+        stored = await stored_document(document_id)
         problem = await _wait(submit(lambda: _delete_checked(engine, stored.text), True))
         if problem:
             raise ApiError(503, f"document {document_id!r} was not deleted: {problem}",
