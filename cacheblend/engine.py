@@ -8,7 +8,7 @@ all drive the same request lifecycle through it.
     ingest(documents)                       precompute and store documents now
 
 One ``step()`` (as nano-vllm's ``LLMEngine.step``): make the store writes owed by requests whose
-first token went out last step; drop cancelled work; run at most one waiting call; advance
+first token went out last step; drop cancelled work; run the waiting calls; advance
 prefills (admit waiting requests up to ``max_batch_size``; while other requests are decoding, a
 prefill advances by at most ``prefill_step_tokens`` per step, so a long prompt cannot stall their
 streams); run one batched decode step over every running request and finish the ones that
@@ -224,11 +224,10 @@ class Engine:
         with self.lock, torch.inference_mode():
             self.flush_store_writes()
             self._drop_cancelled()
-            if self._calls:
+            for _ in range(len(self._calls)):  # the calls waiting now (they are quick)
                 with self.work_added:
-                    task = self._calls.popleft() if self._calls else None
-                if task is not None:
-                    self._run_call(task)
+                    task = self._calls.popleft()
+                self._run_call(task)
             self._prefill_turn(limit, report)
             if self._running:
                 self._decode(report)
