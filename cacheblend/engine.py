@@ -111,11 +111,12 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        self.loaded = loaded or load_model(self.config.model, self.config.device)
+        self.loaded = loaded or load_model(self.config.model, self.config.device,
+                                           dtype=self.config.dtype)
         self.tokenizer = self.loaded.tokenizer
         self.runner = self.loaded.runner()
-        self.fusor = Fusor(self.runner, self.config.loading)
         self.controller = LoadingController(self.runner.num_layers, self.config.blend.min_ratio)
+        self.fusor = Fusor(self.runner, self.config.loading, self.controller)
         self.prompts = PromptBuilder(self.tokenizer)
         self.fingerprint = self.loaded.fingerprint
         if store is None:
@@ -356,7 +357,7 @@ class Engine:
             plan, lookup, ran, ratio = self._plan(segments, method, blend)
             capacity = min(self.runner.max_positions, total + request.sampling.max_tokens)
             kv = RequestKV(self.runner.num_layers, self.runner.num_kv_heads, self.runner.head_dim,
-                           capacity, self.config.device)
+                           capacity, self.config.device, self.runner.dtype)
             fusion_start = time.perf_counter()
             result = self.fusor.run(plan, kv)
             self.controller.observe_compute(sum(result.active_per_layer),
