@@ -22,6 +22,7 @@ from cacheblend.blend.loader import CachedSpan
 from cacheblend.blend.select import FirstKSelector, HKVDSelector, UnionSelector, first_k_mask
 from cacheblend.config import METHODS, BlendConfig, EngineConfig
 from cacheblend.decode import Sampler, SamplingParams, StopChecker
+from cacheblend.device import dtype_name
 from cacheblend.errors import InvalidRequestError
 from cacheblend.kv import RequestKV
 from cacheblend.model.loader import LoadedModel, load_model
@@ -115,6 +116,9 @@ class Engine:
                                            dtype=self.config.dtype)
         self.tokenizer = self.loaded.tokenizer
         self.runner = self.loaded.runner()
+        if loaded is not None:  # an engine over a loaded model computes where and as it does
+            self.config = replace(self.config, device=str(self.runner.device),
+                                  dtype=dtype_name(self.runner.dtype))
         self.controller = LoadingController(self.runner.num_layers, self.config.blend.min_ratio)
         self.fusor = Fusor(self.runner, self.config.loading, self.controller)
         self.prompts = PromptBuilder(self.tokenizer)

@@ -178,6 +178,8 @@ class CUDAAttention(Attention):
 
 def attention_for(device: torch.device, num_heads: int, num_kv_heads: int, scale: float,
                   dtype: torch.dtype = torch.float32) -> Attention:
-    """The backend for a device type: CUDA kernels on ``cuda``, the CPU ones elsewhere."""
-    backend = CUDAAttention if torch.device(device).type == "cuda" else CPUAttention
+    """The backend for a device: the CPU kernels on ``cpu``; on any other device (``cuda``, and
+    ``meta``, where the tests run the loop to prove it never reads values back) the sync-free
+    SDPA backend."""
+    backend = CPUAttention if torch.device(device).type == "cpu" else CUDAAttention
     return backend(num_heads, num_kv_heads, scale, dtype)
