@@ -48,8 +48,8 @@ class OneDevice(TorchDispatchMode):
     """Every op's tensors on one device, except explicit copies (``.to``, ``copy_``) and CPU
     scalars; and no value read back (``.item()``, ``int()``, ``nonzero``)."""
 
-    COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+    COPIES = frozenset({torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default})
+    READS = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default})
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
