@@ -171,8 +171,9 @@ class Fusor:
         cached rows with fresh K/V, attend with the exact causal mask, MLP."""
         runner, rope = self.runner, self.runner.rope
         total = plan.ids.shape[0]
-        # Cached rows are needed unless every one of them is recomputed at this layer.
-        if selector is not None or not state.recomputes_cached:
+        # Cached rows are needed unless every one of them is recomputed at this layer (a layer
+        # already being prefetched is waited for all the same, before fresh rows go in).
+        if selector is not None or not state.recomputes_cached or loader.pending(index):
             loader.load(index, runner.num_layers)
         q, k_raw, v = runner.project_qkv(index, state.hidden)
         if state.captured is not None:

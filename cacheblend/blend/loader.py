@@ -175,6 +175,11 @@ class LayerLoader:
             self._pending[index + 1] = LayerLoader._executor.submit(self._timed, self._fill,
                                                                      index + 1)
 
+    def pending(self, index: int) -> bool:
+        """Whether layer ``index`` is being prefetched: the caller must ``load`` it before
+        writing fresh rows there, or the prefetch could overwrite them."""
+        return index in self._pending or index in self._events
+
     def close(self) -> None:
         for future in self._pending.values():
             future.result()

@@ -3,6 +3,8 @@ device supports (a tiny random model: bf16 matmuls are ~100x slower than fp32 on
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -105,3 +107,37 @@ def test_prefetch_uses_a_side_stream_on_cuda(device):
     loader.close()
     assert loader.nbytes == source.nbytes and loader.seconds() > 0
     assert kv.keys.abs().sum().item() == 0
+
+
+def test_prefetched_layers_never_overwrite_fresh_rows(device):
+    """Without a prefix every cached row is recomputed before the check layer, so layers after
+    it need no load, but one may already be prefetched: the fusor waits for it before writing
+    fresh rows, so the result is the full prefill's."""
+    runner = ModelRunner(random_model("tiny", device=str(device)))
+    torch.manual_seed(5)
+    total = 2 * CHUNK + SUFFIX
+    ids = torch.randint(0, 1000, (total,))
+    spans = [(0, CHUNK), (CHUNK, 2 * CHUNK)]
+
+
+    class SlowSource:
+        """A lazily decoded entry whose later layers arrive late (a slow tier)."""
+
+        def __init__(self, kv: ChunkKV) -> None:
+            self.kv, self.num_tokens = kv, kv.num_tokens
+
+        def layer(self, index: int):
+            if index > 1:
+                time.sleep(0.2)  # the prefetch thread writes well after the compute moved on
+            return self.kv.keys[index], self.kv.values[index]
+
+    cached = [CachedSpan(s, SlowSource(entry(runner, ids[s:e], 0, e - s))) for s, e in spans]
+    blend = FusionPlan(ids, torch.arange(total), cached, spans, [(1, HKVDSelector(1.0))])
+    assert blend.recomputes_cached
+    results = {}
+    for name, plan, mode in (("full", FusionPlan(ids, torch.arange(total)), "bulk"),
+                             ("prefetch", blend, "prefetch")):
+        kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, total, device)
+        results[name] = (Fusor(runner, mode).run(plan, kv).logits, kv)
+    assert (results["prefetch"][0] - results["full"][0]).abs().max().item() <= 1e-4
+    assert (results["prefetch"][1].keys - results["full"][1].keys).abs().max().item() <= 1e-4
