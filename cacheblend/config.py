@@ -13,6 +13,7 @@ METHODS = ("full", "prefix", "reuse", "blend", "epic")
 DEVIATIONS = ("v", "k", "kv")
 PRECOMPUTE_MODES = ("alone", "sink", "preamble", "prefix")
 LOADING_MODES = ("bulk", "layer", "prefetch")  # see cacheblend.blend.loader
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # see cacheblend.device
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,15 @@ class BlendConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when present, else cpu; resolved at construction
+    dtype: str = "auto"  # auto: bf16 on cuda, fp32 on cpu; resolved at construction
     store: str = "memory"  # a store URL, see cacheblend.store.factory
     store_codec: str = "fp16"
     threads: int | None = None
     system_prompt: str = "You are a helpful assistant. Answer using the documents."
     instruction: str = "Read the documents below and answer the question."
     max_new_tokens: int = 64
-    loading: str = "bulk"  # bulk | layer | prefetch: see cacheblend.blend.loader
+    loading: str = "auto"  # auto | bulk | layer | prefetch: see cacheblend.blend.loader
     # Engine.step(): at most this many requests decode together. While any are decoding, a
     # plain prefill runs in token slices of prefill_step_tokens, and each step a prefill runs
     # for at most prefill_step_tokens tokens (token-layers / layers) and prefill_step_s seconds
@@ -94,8 +96,21 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.store_codec not in ("fp32", "fp16", "int8"):
             raise ConfigError(f"store_codec must be fp32, fp16 or int8, got {self.store_codec!r}")
-        if self.loading not in LOADING_MODES:
-            raise ConfigError(f"loading must be one of {LOADING_MODES}, got {self.loading!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.loading not in ("auto", *LOADING_MODES):
+            raise ConfigError(f"loading must be auto or one of {LOADING_MODES}, "
+                              f"got {self.loading!r}")
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device must be a string, got {self.device!r}")
+        # Resolved once, here: every part of the engine reads concrete values.
+        from cacheblend.device import resolve_device, resolve_dtype  # torch loads only here
+
+        device = resolve_device(self.device)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, device))
+        if self.loading == "auto":  # one bulk step on the CPU; a side stream on CUDA
+            object.__setattr__(self, "loading", "prefetch" if device.startswith("cuda") else "bulk")
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
         if self.threads is not None and self.threads < 1:

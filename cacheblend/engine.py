@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from cacheblend.blend.fusor import Fusor
 from cacheblend.blend.planner import Planner
 from cacheblend.config import BlendConfig, EngineConfig
 from cacheblend.decode import Sampler, StopChecker, decode_step
+from cacheblend.device import dtype_name
 from cacheblend.errors import InvalidRequestError
 from cacheblend.kv import RequestKV
 from cacheblend.model.loader import LoadedModel, load_model
@@ -73,9 +74,13 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        self.loaded = loaded or load_model(self.config.model, self.config.device)
+        self.loaded = loaded or load_model(self.config.model, self.config.device,
+                                           dtype=self.config.dtype)
         self.tokenizer = self.loaded.tokenizer
         self.runner = self.loaded.runner()
+        if loaded is not None:  # an engine over a loaded model computes where and as it does
+            self.config = replace(self.config, device=str(self.runner.device),
+                                  dtype=dtype_name(self.runner.dtype))
         self.controller = LoadingController(self.runner.num_layers, self.config.blend.min_ratio)
         self.prompts = PromptBuilder(self.tokenizer)
         self.fingerprint = self.loaded.fingerprint
@@ -83,9 +88,9 @@ class Engine:
             store = open_store(self.config.store, model_fingerprint=self.fingerprint,
                                codec=self.config.store_codec)
         self.store = store
-        self.fusor = Fusor(self.runner)
+        self.fusor = Fusor(self.runner, self.controller)
         self.chunks = ChunkCache(self.fusor, store, self.fingerprint, self.prompts,
-                                 self.config.store_codec, self.config.device)
+                                 self.config.store_codec)
         self.planner = Planner(self.chunks, self.controller, self.runner.num_layers)
         self.prefiller = Prefiller(self.config, self.runner, self.fusor, self.planner,
                                    self.controller, self.segments_for)

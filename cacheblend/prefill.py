@@ -61,7 +61,8 @@ class Prefiller:
             seq.planned = self.planner.plan(seq.segments, seq.settings)
             capacity = min(self.runner.max_positions, total + seq.request.sampling.max_tokens)
             seq.kv = RequestKV(self.runner.num_layers, self.runner.num_kv_heads,
-                               self.runner.head_dim, capacity, self.config.device)
+                               self.runner.head_dim, capacity, self.runner.device,
+                               self.runner.dtype)
             seq.prefill = self._run(seq, chunked)
         except Exception as exc:  # noqa: BLE001 - invalid requests fail alone
             seq.finish("error", exc)

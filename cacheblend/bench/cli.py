@@ -10,6 +10,10 @@ from dataclasses import replace
 
 from cacheblend.commands.common import add_engine_args, engine_config
 from cacheblend.config import LOADING_MODES
+from cacheblend.errors import ConfigError
+
+RANDOM_MODEL_HELP = ("benchmark a random-weight model of this shape (llama3-8b, qwen2.5-7b, "
+                     "mistral-7b, smollm2-135m, tiny) with the bundled tokenizer: no model hub")
 
 
 def add_parser(subparsers) -> None:
@@ -20,6 +24,7 @@ def add_parser(subparsers) -> None:
     prefill.add_argument("--lengths", default="512,1024,2048,3072,4096")
     prefill.add_argument("--repeats", type=int, default=3)
     prefill.add_argument("--json", action="store_true")
+    prefill.add_argument("--random-model", metavar="SHAPE", help=RANDOM_MODEL_HELP)
     add_engine_args(prefill)
     prefill.set_defaults(handler=run_prefill)
 
@@ -31,6 +36,7 @@ def add_parser(subparsers) -> None:
     ttft.add_argument("--loading", choices=LOADING_MODES, default=None,
                       help="how cached rows are loaded (default: config, bulk)")
     ttft.add_argument("--json", action="store_true")
+    ttft.add_argument("--random-model", metavar="SHAPE", help=RANDOM_MODEL_HELP)
     add_engine_args(ttft)
     ttft.set_defaults(handler=run_ttft)
 
@@ -71,16 +77,28 @@ def _print(result: dict, as_json: bool) -> None:
     print(json.dumps(result, indent=None if as_json else 2))
 
 
-def run_prefill(args: argparse.Namespace) -> int:
-    from cacheblend.bench.prefill import bench_prefill
+def _load(args: argparse.Namespace, config):
+    """The benchmarked model: ``--random-model SHAPE`` or ``--model`` / the bundled one, on the
+    config's device in its dtype (transformers' forward, the peer, runs in the same)."""
     from cacheblend.model.loader import load_model
+    from cacheblend.model.random import build_random_model
 
-    config = engine_config(args)
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
-    loaded = load_model(config.model, config.device)
+    if args.random_model:
+        if config.model:
+            raise ConfigError("give --model or --random-model, not both")
+        return build_random_model(args.random_model, config.device, config.dtype)
+    return load_model(config.model, config.device, dtype=config.dtype)
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    from cacheblend.bench.prefill import bench_prefill
+
+    config = engine_config(args)
+    loaded = _load(args, config)
     lengths = [int(x) for x in args.lengths.split(",")]
     _print(bench_prefill(loaded, lengths, repeats=args.repeats), args.json)
     return 0
@@ -112,7 +130,7 @@ def run_ttft(args: argparse.Namespace) -> int:
         config = engine_config(args)
         if args.loading:
             config = replace(config, loading=args.loading)
-        engine = Engine(config)
+        engine = Engine(config, loaded=_load(args, config) if args.random_model else None)
         result = bench_ttft(engine, args.chunks, args.chunk_tokens, args.ratio, args.repeats)
         result["store"] = url.split(":")[0]
         result["loading"] = engine.config.loading

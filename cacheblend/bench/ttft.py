@@ -3,16 +3,19 @@
 The chunks are windows of the demo corpus's real text, cut to exactly ``chunk_tokens`` ids.
 Every method sees the same prompt. Chunks are ingested first (so blend/reuse/epic hit), and the
 prefix method has the system prefix cached but not the chunks, as in RAG traffic where
-documents recur in new orders. ``hf_full`` is transformers' own forward on the same ids.
+documents recur in new orders. ``hf_full`` is transformers' own forward on the same ids, same
+device, same dtype, SDPA attention.
 """
 
 from __future__ import annotations
 
 import torch
 
+from cacheblend.bench.prefill import _device_label, _transformers_version
 from cacheblend.bench.timing import interleaved_medians
 from cacheblend.commands.demo_corpus import DOCUMENTS
 from cacheblend.decode import SamplingParams
+from cacheblend.device import dtype_name
 from cacheblend.engine import Engine, GenerateRequest
 from cacheblend.prompt import Segments
 
@@ -41,7 +44,7 @@ def bench_ttft(engine: Engine, chunks: int = 6, chunk_tokens: int = 512, ratio: 
 
     # Warm the store: chunk entries for reuse/blend/epic (and the system prefix).
     engine.generate(request("blend"))
-    ids = torch.tensor([segments.ids])
+    ids = torch.tensor([segments.ids], device=engine.runner.device)
 
     def prefix_run(counter=[0]):  # noqa: B006  (a counter kept across calls)
         # The prefix method stores what it computes, so the identical prompt would hit in
@@ -65,7 +68,13 @@ def bench_ttft(engine: Engine, chunks: int = 6, chunk_tokens: int = 512, ratio: 
     medians = interleaved_medians(runs, repeats=repeats)
     stats = {m: engine.generate(request(m)).stats for m in METHODS if m != "prefix"}
     stats["prefix"] = prefix_run().stats
+    model = engine.loaded.model
     out = {
+        "model": engine.loaded.name,
+        "device": _device_label(engine.runner.device),
+        "dtype": dtype_name(engine.runner.dtype),
+        "hf_peer": f"transformers {_transformers_version()} forward, "
+                   f"attn={model.config._attn_implementation}",
         "tokens": segments.num_tokens,
         "chunks": chunks,
         "chunk_tokens": chunk_tokens,

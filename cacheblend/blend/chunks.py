@@ -28,13 +28,12 @@ class ChunkCache:
     """Computes chunk / prefix KV with the runner and reads and writes it in the store."""
 
     def __init__(self, fusor: Fusor, store: KVStore, fingerprint: str,
-                 prompts: PromptBuilder, codec: str, device: str | torch.device) -> None:
+                 prompts: PromptBuilder, codec: str) -> None:
         self.fusor = fusor
         self.store = store
         self.fingerprint = fingerprint
         self.prompts = prompts
         self.dtype = STORE_DTYPES[codec]
-        self.device = device
 
     # --- keys ---------------------------------------------------------------------------------
 
@@ -76,7 +75,7 @@ class ChunkCache:
         plan = FusionPlan(torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)),
                           capture=True)
         kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, len(ids),
-                       self.device)
+                       runner.device, runner.dtype)
         result = yield from self.fusor.layers(plan, kv)
         return result.captured
 

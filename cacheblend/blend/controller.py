@@ -1,12 +1,19 @@
 """The loading controller: per request, how much to recompute and whether blending pays off.
 
-It keeps two online estimates (exponential moving averages): the store's load throughput
-(bytes/s, from every lookup) and the model's recompute cost (seconds per token-layer, from
-every fused prefill). Per request it
+It keeps three online estimates (exponential moving averages): the store's lookup throughput
+(bytes/s, from every lookup: read, verify, decode), the device load throughput (bytes/s of
+entries moved into the request KV: host->device copy, conversion, rotation; measured by the
+fusor's loader, with CUDA events on CUDA) and the model's recompute cost (seconds per
+token-layer, from every fused prefill). Per request it
 
 - raises the recompute ratio above the requested one where the extra recompute hides under the
-  time the loads take anyway (the paper's rule; on this CPU loading is ~100x cheaper than
-  recompute, so it keeps the requested ratio), never going below ``min_ratio``;
+  time the loads take anyway (the paper's rule): loading a request's entries costs
+  ``bytes / lookup rate + bytes / device load rate``; recomputing a ratio r of the chunk tokens
+  after the first check layer costs ``r x chunk tokens x layers after it x seconds per
+  token-layer``; the ratio where the two meet is the largest that costs no time. On this CPU
+  loading is ~100x cheaper than recompute, so it keeps the requested ratio; on a GPU, where
+  entries cross PCIe (~25 GB/s pinned) and bf16 recompute is fast, it matters. Never below
+  ``min_ratio``;
 - falls back to a plain prefill when too few chunk tokens hit for blending to pay: computing the
   misses first and then blending would cost more than a full prefill. The missed chunks are
   still precomputed and stored, after the answer, so the next request hits.
@@ -31,6 +38,7 @@ class LoadingController:
         self.min_ratio = min_ratio
         self.smoothing = smoothing
         self.load_bytes_per_s: float | None = None
+        self.transfer_bytes_per_s: float | None = None
         self.seconds_per_token_layer: float | None = None
         self._lock = threading.Lock()
 
@@ -41,6 +49,22 @@ class LoadingController:
         if nbytes > 0 and seconds > 0:
             with self._lock:
                 self.load_bytes_per_s = self._update(self.load_bytes_per_s, nbytes / seconds)
+
+    def observe_transfer(self, nbytes: int, seconds: float) -> None:
+        """Entries moved into a request KV on the compute device (copy, convert, rotate)."""
+        if nbytes > 0 and seconds > 0:
+            with self._lock:
+                self.transfer_bytes_per_s = self._update(self.transfer_bytes_per_s,
+                                                         nbytes / seconds)
+
+    def load_seconds(self, load_bytes: int) -> float | None:
+        """Estimated time to look up and move ``load_bytes`` of entries (None before any)."""
+        if not self.load_bytes_per_s:
+            return None
+        seconds = load_bytes / self.load_bytes_per_s
+        if self.transfer_bytes_per_s:
+            seconds += load_bytes / self.transfer_bytes_per_s
+        return seconds
 
     def observe_compute(self, token_layers: int, seconds: float) -> None:
         if token_layers > 0 and seconds > 0:
@@ -65,8 +89,8 @@ class LoadingController:
             if blend_cost > chunk_tokens:
                 return Decision("full", ratio, f"{missed_tokens}/{chunk_tokens} chunk tokens "
                                 "missed: a full prefill is cheaper; misses stored afterwards")
-        if method == "blend" and self.load_bytes_per_s and self.seconds_per_token_layer:
-            load_s = load_bytes / self.load_bytes_per_s
+        load_s = self.load_seconds(load_bytes)
+        if method == "blend" and load_s is not None and self.seconds_per_token_layer:
             per_ratio_s = chunk_tokens * (self.num_layers - first_check_layer - 1) * \
                 self.seconds_per_token_layer
             hidden_ratio = load_s / per_ratio_s if per_ratio_s > 0 else 0.0

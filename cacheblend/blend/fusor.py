@@ -14,6 +14,14 @@ computed from layer 0 (``active``), and at which layers the computed chunk token
 full: nothing cached, all active. prefix: cached exact prefix, the rest active. reuse: chunks
 cached, suffix active. epic: chunks cached, first k of each chunk + suffix active. blend: chunks
 cached, chunks + suffix active, narrowed at the check layers.
+
+The host never waits for the device inside the loop. Everything the host must know is decided
+from the plan, once (``FusionPlan.__post_init__`` reads its CPU tensors): the attention kind of
+the active set (causal / contiguous tail / scattered), whether cached rows are needed before the
+first check layer, how many chunk tokens are active. Index tensors are built once per request on
+the device. After a check layer the host needs the number of kept tokens: a selector that knows
+it from the counts (HKVD) says so; otherwise it is read once (``host_sync``), the loop's only
+intended device->host wait. Narrowing uses sorts and gathers, never boolean-mask indexing.
 """
 
 from __future__ import annotations
@@ -25,12 +33,16 @@ import torch
 
 from cacheblend.blend.loader import CachedSpan, LayerLoader
 from cacheblend.blend.select import Candidates, Selector, kv_deviation
+from cacheblend.device import host_sync
 from cacheblend.kv import RequestKV
+from cacheblend.model.attention import QueryLayout
 from cacheblend.model.runner import ModelRunner
 
 
 @dataclass
 class FusionPlan:
+    """What one fused prefill computes; host data (CPU tensors), checked and summarised once."""
+
     ids: torch.Tensor  # (T,) the whole prompt
     active: torch.Tensor  # (n,) sorted positions computed from layer 0; must contain T-1
     cached: list[CachedSpan] = field(default_factory=list)
@@ -39,17 +51,32 @@ class FusionPlan:
     deviation: str = "k"
     capture: bool = False  # record pre-RoPE K/V of active rows (plans without checks only)
     resident: int = 0  # rows [0, resident) are in the request KV already (an earlier slice)
+    # Derived on the host at construction:
+    kind: str = field(init=False)  # attention of the active set: causal | tail | scattered
+    num_chunk_active: int = field(init=False)  # active positions inside chunks
+    recomputes_cached: bool = field(init=False)  # every cached row is active (none needed)
 
     def __post_init__(self) -> None:
         total = self.ids.shape[0]
-        assert self.active.numel() > 0 and int(self.active[-1]) == total - 1, "suffix must run"
+        active = self.active.cpu()  # a no-op for the CPU tensors planners build
+        n = active.shape[0]
+        assert n > 0 and int(active[-1]) == total - 1, "suffix must run"
+        assert bool((active[1:] > active[:-1]).all()), "active positions must be sorted, unique"
         assert not (self.capture and self.checks), "capture needs a fixed active set"
-        covered = torch.zeros(total, dtype=torch.bool)
-        covered[: self.resident] = True
+        cached_rows = torch.zeros(total, dtype=torch.bool)
         for span in self.cached:
-            covered[span.start : span.end] = True
-        covered[self.active] = True
+            cached_rows[span.start : span.end] = True
+        covered = cached_rows.clone()
+        covered[: self.resident] = True
+        covered[active] = True
         assert bool(covered.all()), "every position must be cached or computed"
+        in_chunk = torch.zeros(total, dtype=torch.bool)
+        for start, end in self.chunk_spans:
+            in_chunk[start:end] = True
+        self.kind = ("causal" if n == total else
+                     "tail" if int(active[0]) == total - n else "scattered")
+        self.num_chunk_active = int(in_chunk[active].sum())
+        self.recomputes_cached = bool(cached_rows[active].sum() == cached_rows.sum())
 
     @property
     def num_chunk_tokens(self) -> int:
@@ -75,23 +102,43 @@ class FusionPlan:
 
 @dataclass
 class FusionResult:
-    logits: torch.Tensor  # (V,) for the last prompt position
-    computed: torch.Tensor  # positions whose K/V at the last layer are fresh (sorted)
+    logits: torch.Tensor  # (V,) fp32, for the last prompt position
+    computed: torch.Tensor  # positions whose K/V at the last layer are fresh (sorted, device)
     active_per_layer: list[int]
     captured: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (K pre-RoPE, V)
-    load_seconds: float = 0.0
+    load_seconds: float = 0.0  # moving cached rows into the request KV (copy, convert, rotate)
+    load_bytes: int = 0
 
 
-def _in_chunks(positions: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-    mask = torch.zeros_like(positions, dtype=torch.bool)
-    for start, end in spans:
-        mask |= (positions >= start) & (positions < end)
-    return mask
+@dataclass
+class _Pass:
+    """One request's way through the layers: device tensors and what the host knows of them."""
+
+    hidden: torch.Tensor  # (n, D)
+    positions: torch.Tensor  # (n,) sorted, on the device
+    layout: QueryLayout  # the queries' attention, built once per set of positions
+    in_chunk: torch.Tensor  # (T,) bool on the device: position lies in a chunk
+    num_candidates: int  # active chunk tokens (known on the host)
+    recomputes_cached: bool
+    captured: list | None
+    active_per_layer: list[int] = field(default_factory=list)
+    computed: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.positions.shape[0]
+
+
+def first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending indices of the ``count`` True entries of ``mask`` (n,), without reading the
+    mask on the host (``mask.nonzero()`` would): a stable sort puts them first, in order."""
+    return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
 
 
 class Fusor:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, controller=None) -> None:
         self.runner = runner
+        self.controller = controller  # a LoadingController told the measured load rate
 
     def run(self, plan: FusionPlan, kv: RequestKV, loading: str = "bulk") -> FusionResult:
         """Run every layer of ``plan``; ``loading`` is one of cacheblend.config.LOADING_MODES."""
@@ -105,75 +152,99 @@ class Fusor:
     @torch.inference_mode()
     def layers(self, plan: FusionPlan, kv: RequestKV, loading: str = "bulk"
                ) -> Generator[int, None, FusionResult]:
-        """The layer loop as a generator: yields the number of tokens each layer computed, so a
-        caller can interleave other work between layers (chunked prefill); returns the result.
-        A caller that stops early must ``close()`` it (the loader's prefetch is joined)."""
-        runner, rope = self.runner, self.runner.rope
+        """The layer loop as a generator: yields the number of tokens each layer computed (a
+        host-known count), so a caller can interleave other work between layers (chunked
+        prefill); returns the result. A caller that stops early must ``close()`` it."""
+        runner = self.runner
         total = plan.ids.shape[0]
         assert kv.capacity >= total
-        positions = plan.active.to(kv.keys.device)
-        hidden = runner.embed(plan.ids.to(kv.keys.device)[positions])  # (n, D)
+        state = self._start(plan, kv)
         checks = dict(plan.checks)
-        loader = LayerLoader(plan.cached, rope, kv, mode=loading)
-        cached_rows = torch.zeros(total, dtype=torch.bool)
-        for span in plan.cached:
-            cached_rows[span.start : span.end] = True
-        captured = [] if plan.capture else None
-        active_per_layer = []
-
-        last = runner.num_layers - 1
+        loader = LayerLoader(plan.cached, runner.rope, kv, mode=loading)
         try:
             for index in range(runner.num_layers):
-                # Cached rows are needed unless every one of them is recomputed at this layer.
-                recomputed_all = bool(cached_rows[positions.cpu()].sum() == cached_rows.sum())
-                if index in checks or not recomputed_all:
-                    loader.load(index, runner.num_layers)
-                q, k_raw, v = runner.project_qkv(index, hidden)
-                if captured is not None:
-                    captured.append((k_raw, v))
-                k = rope.apply(k_raw, positions)
-                layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
-                if index in checks:
-                    keep = self._select(plan, checks[index], positions, k, v,
-                                        layer_keys, layer_values)
-                # Fresh K/V overwrite cached rows for every token computed at this layer.
-                layer_keys[:, positions] = k
-                layer_values[:, positions] = v
-                if index in checks:
-                    hidden, q, positions = hidden[keep], q[:, keep], positions[keep]
-                active_per_layer.append(int(positions.shape[0]))
-                if index == last:
-                    computed = positions
-                    # Only the last position's output is read.
-                    hidden, q, positions = hidden[-1:], q[:, -1:], positions[-1:]
-                q = rope.apply(q, positions)
-                n = positions.shape[0]
-                if n == total:  # every position in order: plain causal
-                    attn = runner.attend(q, layer_keys, layer_values, causal=True)
-                elif n > 1 and int(positions[0]) == total - n:  # a contiguous tail
-                    attn = runner.attend_tail(q, layer_keys, layer_values)
-                else:  # exact causal mask: query at p sees keys at positions <= p
-                    attn = runner.attend_at(q, layer_keys, layer_values, positions)
-                hidden = runner.finish_layer(index, hidden, attn)
-                yield active_per_layer[-1]
+                self._layer(index, plan, checks.get(index), state, kv, loader)
+                yield state.active_per_layer[-1]
         finally:
             loader.close()
         kv.length = max(kv.length, total)
+        load_seconds = loader.seconds() if loader.nbytes else 0.0
+        if self.controller is not None and loader.nbytes:
+            self.controller.observe_transfer(loader.nbytes, load_seconds)
         return FusionResult(
-            logits=runner.logits(hidden[-1:])[0],
-            computed=computed,
-            active_per_layer=active_per_layer,
-            captured=captured,
+            logits=runner.logits(state.hidden[-1:])[0],
+            computed=state.computed,
+            active_per_layer=state.active_per_layer,
+            captured=state.captured,
+            load_seconds=load_seconds,
+            load_bytes=loader.nbytes,
         )
 
+    def _start(self, plan: FusionPlan, kv: RequestKV) -> _Pass:
+        """Index tensors on the device, once per request (the only host->device copies)."""
+        device = kv.keys.device
+        total = plan.ids.shape[0]
+        positions = plan.active.to(device)
+        in_chunk = torch.zeros(total, dtype=torch.bool, device=device)
+        for start, end in plan.chunk_spans:
+            in_chunk[start:end] = True
+        return _Pass(
+            hidden=self.runner.embed(plan.ids[plan.active.to(plan.ids.device)].to(device)),
+            positions=positions,
+            layout=self.runner.attention.layout(plan.kind, positions, total),
+            in_chunk=in_chunk,
+            num_candidates=plan.num_chunk_active,
+            recomputes_cached=plan.recomputes_cached,
+            captured=[] if plan.capture else None,
+        )
+
+    def _layer(self, index: int, plan: FusionPlan, selector: Selector | None, state: _Pass,
+               kv: RequestKV, loader: LayerLoader) -> None:
+        """One layer for the active tokens: load cached rows, project, (select), overwrite the
+        cached rows with fresh K/V, attend with the exact causal mask, MLP."""
+        runner, rope = self.runner, self.runner.rope
+        total = plan.ids.shape[0]
+        # Cached rows are needed unless every one of them is recomputed at this layer (a layer
+        # already being prefetched is waited for all the same, before fresh rows go in).
+        if selector is not None or not state.recomputes_cached or loader.pending(index):
+            loader.load(index, runner.num_layers)
+        q, k_raw, v = runner.project_qkv(index, state.hidden)
+        if state.captured is not None:
+            state.captured.append((k_raw, v))
+        k = rope.apply(k_raw, state.positions)
+        layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
+        keep = None
+        if selector is not None:
+            keep = self._select(plan, selector, state, k, v, layer_keys, layer_values)
+        # Fresh K/V overwrite cached rows for every token computed at this layer.
+        layer_keys[:, state.positions] = k
+        layer_values[:, state.positions] = v
+        if keep is not None:  # narrowed: from now on only the kept tokens run
+            state.hidden, q, positions = state.hidden[keep], q[:, keep], state.positions[keep]
+            state.positions = positions
+            state.recomputes_cached = False
+            state.layout = runner.attention.layout("scattered", positions, total)
+        state.active_per_layer.append(state.n)
+        if index == runner.num_layers - 1:
+            state.computed = state.positions
+            # Only the last position's output is read; it sees every key.
+            state.hidden, q = state.hidden[-1:], q[:, -1:]
+            state.positions = state.positions[-1:]
+            state.layout = runner.attention.layout("tail", state.positions, total)
+        q = rope.apply(q, state.positions)
+        attn = runner.attend_layout(q, layer_keys, layer_values, state.layout)
+        state.hidden = runner.finish_layer(index, state.hidden, attn)
+
     @staticmethod
-    def _select(plan: FusionPlan, selector: Selector, positions, fresh_k, fresh_v,
-                layer_keys, layer_values) -> torch.Tensor:
-        """Bool mask over the active tokens: non-chunk tokens always, chunk tokens by selector."""
-        in_chunk = _in_chunks(positions, plan.chunk_spans)
+    def _select(plan: FusionPlan, selector: Selector, state: _Pass, fresh_k, fresh_v,
+                layer_keys, layer_values) -> torch.Tensor | None:
+        """Indices (into the active tokens) of those that keep running: non-chunk tokens always,
+        chunk tokens by the selector; None when every token is kept."""
+        positions, n, candidates_n = state.positions, state.n, state.num_candidates
+        in_chunk = state.in_chunk[positions]  # (n,)
         keep = ~in_chunk
-        chunk_index = in_chunk.nonzero().squeeze(1)
-        if chunk_index.numel():
+        if candidates_n:
+            chunk_index = first_true(in_chunk, candidates_n)  # (c,)
             chunk_positions = positions[chunk_index]
             deviation = kv_deviation(
                 fresh_k[:, chunk_index], layer_keys[:, chunk_positions],
@@ -182,4 +253,9 @@ class Fusor:
             candidates = Candidates(chunk_positions, deviation, plan.chunk_spans,
                                     plan.num_chunk_tokens)
             keep[chunk_index] = selector.keep(candidates)
-        return keep
+        kept = selector.kept_count(candidates_n, plan.num_chunk_tokens) if candidates_n else 0
+        num_keep = n - candidates_n + kept if kept is not None else host_sync(keep.sum())
+        if num_keep == n:
+            return None
+        state.num_candidates = num_keep - (n - candidates_n)
+        return first_true(keep, num_keep)

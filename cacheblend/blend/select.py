@@ -3,6 +3,11 @@
 A selector sees the candidates (chunk tokens still being computed) with their KV deviation at
 the check layer, and returns which to keep. Selectors combine: ``UnionSelector`` keeps what any
 member keeps (for example HKVD plus the first k tokens of each chunk).
+
+Selectors run inside the fusor's layer loop, on the device of the candidates, and must not read
+values back to the host (no ``int(tensor)``, ``.item()`` or boolean-mask indexing): on CUDA each
+would stall the loop. A selector that knows how many tokens it keeps from the counts alone says
+so (``kept_count``), and the fusor then needs no host read at all after the check layer.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ class Candidates:
 class Selector(ABC):
     @abstractmethod
     def keep(self, candidates: Candidates) -> torch.Tensor:
-        """Bool mask (n,) over the candidates: True = keep computing this token."""
+        """Bool mask (n,) over the candidates, on their device: True = keep computing it."""
+
+    def kept_count(self, num_candidates: int, num_chunk_tokens: int) -> int | None:
+        """How many candidates ``keep`` keeps, when the counts alone decide it (else None)."""
+        return None
 
 
 def kv_deviation(fresh_k, cached_k, fresh_v, cached_v, on: str) -> torch.Tensor:
@@ -40,8 +49,9 @@ def kv_deviation(fresh_k, cached_k, fresh_v, cached_v, on: str) -> torch.Tensor:
     Keys may be compared after RoPE: a rotation preserves distances. "kv" adds both, each
     normalised by its mean so neither dominates.
     """
-    dev_k = (fresh_k - cached_k).pow(2).sum(dim=(0, 2)) if on in ("k", "kv") else None
-    dev_v = (fresh_v - cached_v).pow(2).sum(dim=(0, 2)) if on in ("v", "kv") else None
+    # Summed in fp32 whatever the compute dtype: a bf16 sum of squares would round the ranking.
+    dev_k = (fresh_k - cached_k).float().pow(2).sum(dim=(0, 2)) if on in ("k", "kv") else None
+    dev_v = (fresh_v - cached_v).float().pow(2).sum(dim=(0, 2)) if on in ("v", "kv") else None
     if on == "k":
         return dev_k
     if on == "v":
@@ -55,10 +65,13 @@ class HKVDSelector(Selector):
     def __init__(self, ratio: float) -> None:
         self.ratio = ratio
 
+    def kept_count(self, num_candidates: int, num_chunk_tokens: int) -> int:
+        return min(num_candidates, math.ceil(self.ratio * num_chunk_tokens))
+
     def keep(self, candidates: Candidates) -> torch.Tensor:
         n = candidates.positions.shape[0]
-        budget = min(n, math.ceil(self.ratio * candidates.num_chunk_tokens))
-        mask = torch.zeros(n, dtype=torch.bool)
+        budget = self.kept_count(n, candidates.num_chunk_tokens)
+        mask = torch.zeros(n, dtype=torch.bool, device=candidates.positions.device)
         if budget > 0:
             assert candidates.deviation is not None, "HKVD needs a deviation"
             mask[torch.topk(candidates.deviation, budget).indices] = True
@@ -77,7 +90,7 @@ class FirstKSelector(Selector):
 
 def first_k_mask(positions: torch.Tensor, spans: list[tuple[int, int]], k: int) -> torch.Tensor:
     """Bool mask over sorted positions: True where a position is among its chunk's first k."""
-    mask = torch.zeros(positions.shape[0], dtype=torch.bool)
+    mask = torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
     for start, end in spans:
         mask |= (positions >= start) & (positions < min(end, start + k))
     return mask
@@ -88,7 +101,8 @@ class UnionSelector(Selector):
         self.members = members
 
     def keep(self, candidates: Candidates) -> torch.Tensor:
-        mask = torch.zeros(candidates.positions.shape[0], dtype=torch.bool)
+        mask = torch.zeros(candidates.positions.shape[0], dtype=torch.bool,
+                           device=candidates.positions.device)
         for member in self.members:
             mask |= member.keep(candidates)
         return mask

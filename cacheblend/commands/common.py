@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cacheblend.config import METHODS, EngineConfig, load_config
+from cacheblend.config import DTYPES, METHODS, EngineConfig, load_config
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -12,7 +12,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="store URL: memory | disk:/path | redis://host:port/db "
                         "| a comma-separated list of tiers")
     parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--device", help="torch device (default cpu)")
+    parser.add_argument("--device", help="torch device: auto (default: cuda when present, "
+                        "else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=DTYPES, help="compute dtype (default auto: bf16 on "
+                        "cuda, fp32 on cpu, where bf16 matmuls are ~100x slower)")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.add_argument("--prefill-step-tokens", type=int,
                         help="while requests decode, a prefill advances at most this many "
@@ -30,6 +33,7 @@ def engine_config(args: argparse.Namespace, **blend) -> EngineConfig:
         model=args.model,
         store=args.store,
         device=args.device,
+        dtype=args.dtype,
         threads=args.threads,
         prefill_step_tokens=args.prefill_step_tokens,
         blend={k: v for k, v in blend.items() if v is not None},

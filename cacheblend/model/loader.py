@@ -33,7 +33,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # a transformers *ForCausalLM, fp32, eval mode
+    model: torch.nn.Module  # a transformers *ForCausalLM in the compute dtype, eval mode
     tokenizer: object  # a transformers tokenizer
     name: str
     fingerprint: str  # hex digest over config + weights
@@ -172,15 +172,21 @@ def fingerprint_model_dir(path: Path, home: Path | None = None) -> str:
     return fingerprint
 
 
-def load_model(model: str | None = None, device: str = "cpu", home: Path | None = None):
-    """Load a supported model in fp32 for the runner; see the module docstring."""
+def load_model(model: str | None = None, device: str = "cpu", home: Path | None = None,
+               dtype: str | torch.dtype = torch.float32):
+    """Load a supported model on ``device`` in ``dtype`` (``bf16``, ``fp16``, ``fp32`` or a torch
+    dtype) for the runner; transformers' own forward (SDPA) stays usable as the peer in the
+    same dtype. See the module docstring."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from cacheblend.device import torch_dtype
+
+    dtype = torch_dtype(dtype)
     model_dir, name = resolve_model_dir(model, home)
     config = AutoConfig.from_pretrained(str(model_dir))
     _check_supported(config)
     hf_model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.float32, attn_implementation="sdpa"
+        str(model_dir), dtype=dtype, attn_implementation="sdpa"
     )
     hf_model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

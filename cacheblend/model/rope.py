@@ -21,7 +21,9 @@ def rope_type_of(config) -> str:
 
 class RopeTable:
     """cos/sin for every position up to ``max_positions``, computed once by the model's own
-    rotary module (so every RoPE variant matches transformers exactly)."""
+    rotary module (so every RoPE variant matches transformers exactly). The table stays fp32
+    whatever the model's dtype: in bf16 a position like 8,000 has no exact angle, and cached
+    keys are rotated once per use, so the rotation runs in fp32 and only its result is cast."""
 
     def __init__(self, rotary_module: torch.nn.Module, config, max_positions: int) -> None:
         rope_type = rope_type_of(config)
@@ -51,7 +53,8 @@ class RopeTable:
     def rotate_by_delta(self, x: torch.Tensor, delta: int) -> torch.Tensor:
         """Move keys already rotated to some positions by ``delta`` more positions: R(p+d) = R(d)R(p)."""
         n = x.shape[-2]
-        index = torch.full((n,), delta, dtype=torch.long) if delta >= 0 else None
+        index = (torch.full((n,), delta, dtype=torch.long, device=self.cos.device)
+                 if delta >= 0 else None)
         if index is None:
             # Rotating by -d is the transpose: cos(-d) = cos d, sin(-d) = -sin d.
             cos, sin = self.cos[-delta].expand(n, -1), -self.sin[-delta].expand(n, -1)
@@ -65,5 +68,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (heads, n, head_dim); cos, sin: (n, head_dim)."""
-    return x * cos + rotate_half(x) * sin
+    """x: (heads, n, head_dim) of any float dtype; cos, sin: (n, head_dim) fp32. Computed in
+    fp32, returned in x's dtype."""
+    if x.dtype == torch.float32:
+        return x * cos + rotate_half(x) * sin
+    wide = x.float()
+    return (wide * cos + rotate_half(wide) * sin).to(x.dtype)

@@ -4,6 +4,11 @@ The runner only computes: the caller (the fusor, the decode loop) owns the KV ca
 which tokens run at which layer. Supported: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
 q/k/v and gate/up are fused into single matmuls; the HF modules keep views of the fused weights,
 so no weight is stored twice and transformers' own forward stays usable for comparison.
+
+The runner computes in the model's dtype (fp32 on the CPU, bf16 by default on CUDA) with
+transformers' own precision rules: RMSNorm statistics in fp32, RoPE tables in fp32, softmax
+statistics in fp32 inside the attention kernels; logits come back as fp32. Attention goes
+through a device-specific backend (``cacheblend.model.attention``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cacheblend.errors import UnsupportedModelError
+from cacheblend.model.attention import Attention, QueryLayout, attention_for
 from cacheblend.model.rope import RopeTable
 
 
@@ -31,8 +37,11 @@ class LayerWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    """As transformers' LlamaRMSNorm: statistics in fp32, the product in the input's dtype."""
+    if x.dtype == torch.float32:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    wide = x.float()
+    return weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _fuse(modules: list[torch.nn.Linear]) -> torch.Tensor:
@@ -60,7 +69,7 @@ def _max_positions(config) -> int:
 
 
 class ModelRunner:
-    """Per-layer building blocks over one loaded model (fp32)."""
+    """Per-layer building blocks over one loaded model, on its device and in its dtype."""
 
     def __init__(self, hf_model: torch.nn.Module) -> None:
         config = hf_model.config
@@ -79,6 +88,7 @@ class ModelRunner:
         self.vocab_size = config.vocab_size
         base = hf_model.model
         self.device = base.embed_tokens.weight.device
+        self.dtype = base.embed_tokens.weight.dtype
         self.embed_tokens = base.embed_tokens.weight  # (V, D)
         self.final_norm = base.norm.weight
         self.lm_head = hf_model.lm_head.weight  # (V, D), tied or not
@@ -87,6 +97,8 @@ class ModelRunner:
         self.q_dim = self.num_heads * self.head_dim
         self.kv_dim = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
+        self.attention: Attention = attention_for(self.device, self.num_heads, self.num_kv_heads,
+                                                  self.scale, self.dtype)
 
     @staticmethod
     def _layer_weights(layer) -> LayerWeights:
@@ -147,64 +159,27 @@ class ModelRunner:
         Neither: every query sees every key (a decode step).
         """
         if causal:
-            groups = self.num_heads // self.num_kv_heads
-            # Expanding K/V beats enable_gqa here (measured: 0.10 s vs 0.17 s at 3K tokens).
-            keys = keys.repeat_interleave(groups, dim=0)
-            values = values.repeat_interleave(groups, dim=0)
-            out = F.scaled_dot_product_attention(q[None], keys[None], values[None],
-                                                 is_causal=True, scale=self.scale)
-            return out[0]
-        return self._grouped_attend(q, keys, values, mask)
-
-    def _grouped_attend(self, q, keys, values, mask):
-        """Non-causal attention without copying K/V per query head: the query heads that share
-        a KV head are stacked along the query axis, (H, n, hd) -> (KV, groups * n, hd)."""
-        heads, n, head_dim = q.shape
-        groups = heads // self.num_kv_heads
-        stacked = q.reshape(self.num_kv_heads, groups * n, head_dim)
-        if mask is not None and groups > 1:
-            mask = mask.repeat(groups, 1)  # (groups * n, T), same order as the stacked queries
-        out = F.scaled_dot_product_attention(stacked[None], keys[None], values[None],
-                                             attn_mask=mask, scale=self.scale)
-        return out[0].reshape(heads, n, head_dim)
+            return self.attention.causal(q, keys, values)
+        return self.attention.full(q, keys, values, mask)
 
     def attend_tail(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Exact causal attention for the last n positions (n = q's length) against all T keys:
-        the first T - n keys are visible to every query, the last n causally. Two fast flash
-        attentions (no mask) merged by their log-sum-exp, instead of one masked attention,
-        which SDPA's CPU kernel runs ~3x slower."""
+        """Exact causal attention for the last n positions (n = q's length) against all T keys."""
         n, total = q.shape[1], keys.shape[1]
-        start = total - n
-        flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-        if start == 0 or flash is None or q.device.type != "cpu":
-            return self.attend_at(q, keys, values, torch.arange(start, total, device=q.device))
-        groups = self.num_heads // self.num_kv_heads
-        keys = keys.repeat_interleave(groups, dim=0)[None]  # (1, H, T, hd)
-        values = values.repeat_interleave(groups, dim=0)[None]
-        q = q[None]
-        seen, seen_lse = flash(q, keys[:, :, :start], values[:, :, :start], scale=self.scale)[:2]
-        own, own_lse = flash(q, keys[:, :, start:], values[:, :, start:], is_causal=True,
-                             scale=self.scale)[:2]
-        top = torch.maximum(seen_lse, own_lse)  # (1, H, n)
-        seen_w = torch.exp(seen_lse - top).unsqueeze(-1)
-        own_w = torch.exp(own_lse - top).unsqueeze(-1)
-        return ((seen * seen_w + own * own_w) / (seen_w + own_w))[0]
+        positions = torch.arange(total - n, total, device=q.device)
+        return self.attention.attend(q, keys, values,
+                                     self.attention.layout("tail", positions, total))
 
     def attend_at(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  positions: torch.Tensor, block: int = 128) -> torch.Tensor:
+                  positions: torch.Tensor) -> torch.Tensor:
         """Exact causal attention for queries at sorted ``positions`` (n,): a query at p sees
-        every key at position <= p. Queries go in blocks, each against only the keys up to its
-        last position, so early queries do not pay for keys they cannot see."""
-        n = positions.shape[0]
-        key_positions = torch.arange(keys.shape[1], device=keys.device)
-        outputs = []
-        for start in range(0, n, block):
-            block_positions = positions[start : start + block]
-            limit = int(block_positions[-1]) + 1
-            mask = key_positions[None, :limit] <= block_positions[:, None]  # (b, limit)
-            outputs.append(self._grouped_attend(q[:, start : start + block], keys[:, :limit],
-                                                values[:, :limit], mask))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        every key at position <= p."""
+        layout = self.attention.layout("scattered", positions, keys.shape[1])
+        return self.attention.attend(q, keys, values, layout)
+
+    def attend_layout(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      layout: QueryLayout) -> torch.Tensor:
+        """Attention for queries described by a layout built once (the fusor's per-layer call)."""
+        return self.attention.attend(q, keys, values, layout)
 
     def finish_layer(self, index: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP: hidden (n, D), attn (H, n, hd) -> hidden (n, D)."""
@@ -216,8 +191,8 @@ class ModelRunner:
         return hidden + F.linear(F.silu(gate) * up, weights.down)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (n, D) -> logits (n, V)."""
-        return F.linear(rms_norm(hidden, self.final_norm, self.eps), self.lm_head)
+        """hidden (n, D) -> logits (n, V), fp32 whatever the model's dtype."""
+        return F.linear(rms_norm(hidden, self.final_norm, self.eps), self.lm_head).float()
 
     # --- convenience: a plain causal prefill from position 0 ----------------------------------
 
@@ -230,6 +205,7 @@ class ModelRunner:
         Returns logits (num_logits, V) for the last positions and, if asked, per-layer
         (K before RoPE, V), each (KV, n, hd).
         """
+        ids = ids.to(self.device)
         n = ids.shape[0]
         if n > self.max_positions:
             raise ValueError(f"{n} tokens exceed the model's {self.max_positions} positions")

@@ -3,6 +3,7 @@
 One tier per comma- (or ``+``-) separated part, fastest first; several parts make a
 ``TieredStore``. Per-tier settings go in the part (sizes accept K/M/G/T suffixes, 1024-based):
 
+- ``gpu`` or ``gpu:<max_bytes>[?device=cuda:1]``: the hot tier in accelerator memory (first)
 - ``memory`` or ``memory:<max_bytes>``
 - ``disk`` (under ``$CACHEBLEND_HOME/kv``) or ``disk:<path>[?max_bytes=16G&codec=int8]``
 - ``redis://[:password@]host:port/db[?prefix=..&ttl=<s>&chunk_bytes=8M&codec=..]``
@@ -26,7 +27,7 @@ from cacheblend.store.memory import MemoryStore
 from cacheblend.store.tiered import TieredStore
 
 SUPPORTED_FORMS = (
-    "memory, memory:<max_bytes>, disk, disk:<path>[?max_bytes=..&codec=..], "
+    "gpu[:<max_bytes>][?device=cuda:N], memory, memory:<max_bytes>, disk, disk:<path>[?max_bytes=..&codec=..], "
     "redis://host:port/db[?prefix=..&ttl=..&chunk_bytes=..&codec=..] (rediss://, valkey://), "
     "or several of these joined by ',' or '+' for a tiered store"
 )
@@ -54,6 +55,29 @@ def _split_query(text: str) -> tuple[str, dict[str, str]]:
 def _open_memory(spec: str) -> MemoryStore:
     _, _, size = spec.partition(":")
     return MemoryStore(parse_size(size)) if size else MemoryStore()
+
+
+def _open_gpu(spec: str) -> KVStore:
+    import torch
+
+    from cacheblend.store.gpu import DeviceStore
+
+    rest = spec[len("gpu"):]
+    size, params = _split_query(rest.removeprefix(":"))
+    unknown = set(params) - {"device"}
+    if unknown:
+        raise ValueError(f"unknown gpu store parameter(s) {sorted(unknown)} in {spec!r}")
+    device = params.get("device", "cuda")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"gpu store {spec!r}: bad device {device!r}") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"store tier {spec!r} needs a CUDA device; this torch sees none")
+    kwargs: dict = {"device": device}
+    if size:
+        kwargs["max_bytes"] = parse_size(size)
+    return DeviceStore(**kwargs)
 
 
 def _open_disk(spec: str, model_fingerprint: str | None, codec: str) -> DiskStore:
@@ -94,7 +118,9 @@ def _open_redis(spec: str, model_fingerprint: str | None, codec: str) -> KVStore
 
 
 def _open_tier(spec: str, model_fingerprint: str | None, codec: str) -> KVStore:
-    scheme = spec.split(":", 1)[0].lower()
+    scheme = spec.split(":", 1)[0].split("?", 1)[0].lower()
+    if scheme == "gpu":
+        return _open_gpu(spec)
     if scheme == "memory":
         return _open_memory(spec)
     if scheme == "disk":

@@ -120,16 +120,16 @@ def test_exact_mask_for_scattered_recompute(runner):
         """The known bug: selected queries treated as the last rows of the prompt."""
 
         def run(self, plan, kv, loading="bulk"):
-            def attend_at(q, keys, values, positions):
-                n, t = positions.shape[0], keys.shape[1]
+            def scattered(q, keys, values, layout):
+                n, t = layout.positions.shape[0], keys.shape[1]
                 mask = torch.ones(n, t, dtype=torch.bool).tril(diagonal=t - n)
-                return runner._grouped_attend(q, keys, values, mask)
+                return runner.attention.full(q, keys, values, mask)
 
-            runner.attend_at = attend_at
+            runner.attention.scattered = scattered
             try:
                 return super().run(plan, kv, loading)
             finally:
-                del runner.attend_at
+                del runner.attention.scattered
 
     wrong = run(BottomRightFusor(runner))
     assert (wrong - full_logits[0]).abs().max().item() > 1e-2

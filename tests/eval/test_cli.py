@@ -1,9 +1,12 @@
 import importlib.util
 import json
 
+import pytest
+
 from cacheblend.cli import main
 
 
+@pytest.mark.slow  # the bundled model
 def test_eval_end_to_end(tmp_path, capsys, data_dir):
     out = tmp_path / "runs"
     argv = ["eval", "--dataset", "musique", "--data-dir", str(data_dir), "--limit", "1",
@@ -30,6 +33,7 @@ def test_eval_end_to_end(tmp_path, capsys, data_dir):
     assert "## musique" in report and "## 2wikimqa" in report
 
 
+@pytest.mark.slow  # the bundled model
 def test_ttft_sweep_with_peers(tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["eval", "--sweep", "--sweep-lengths", "80,120", "--chunk-tokens", "32",

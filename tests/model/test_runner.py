@@ -7,8 +7,11 @@ import pytest
 import torch
 import transformers
 
+from cacheblend.device import torch_dtype
 from cacheblend.errors import UnsupportedModelError
+from cacheblend.model.attention import CPUAttention, CUDAAttention
 from cacheblend.model.runner import ModelRunner
+from tests.conftest import TOLERANCE, max_relative_diff
 
 TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
@@ -51,6 +54,35 @@ def compare(model, length: int, num_logits: int | None = None) -> float:
 @pytest.mark.parametrize("length", [1, 9, 200])
 def test_tiny_families_match_transformers(family, length):
     assert compare(tiny_model(family), length) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("length", [9, 200])
+def test_tiny_families_match_transformers_in_every_dtype(family, length, device, dtype_name):
+    """Runner and transformers' forward (SDPA) in the same dtype on the test device; bf16 and
+    fp16 within the stated tolerance relative to the largest logit (tests/conftest.py)."""
+    model = tiny_model(family).to(device=device, dtype=torch_dtype(dtype_name))
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (length,), device=device)
+    with torch.inference_mode():
+        expected = model(ids[None], logits_to_keep=length).logits[0]
+        got, _ = ModelRunner(model).prefill(ids, num_logits=length)
+    assert got.dtype == torch.float32 and got.device.type == device.type
+    assert max_relative_diff(got, expected, dtype_name) <= TOLERANCE[dtype_name]
+
+
+def test_attention_backends_agree():
+    """The sync-free SDPA backend (CUDA and every non-CPU device) equals the CPU kernels, for
+    tail and scattered queries (run here on CPU tensors)."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 200, 64), torch.randn(3, 200, 64)
+    q = torch.randn(9, 70, 64)
+    cpu, sdpa = CPUAttention(9, 3, 0.125), CUDAAttention(9, 3, 0.125)
+    for kind, positions in (("tail", torch.arange(130, 200)),
+                            ("scattered", torch.sort(torch.randperm(200)[:70]).values)):
+        expected = cpu.attend(q, keys, values, cpu.layout(kind, positions, 200))
+        got = sdpa.attend(q, keys, values, sdpa.layout(kind, positions, 200))
+        assert (got - expected).abs().max().item() <= 1e-5, kind
 
 
 @pytest.mark.parametrize("rope", [
