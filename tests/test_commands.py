@@ -36,6 +36,7 @@ def test_summary_adds_up_and_explains_misses():
     assert "stored after the answer" in fallback
 
 
+@pytest.mark.slow  # the bundled model
 def test_ask_prints_the_reason_and_a_sum(tmp_path, capsys):
     doc = tmp_path / "a.txt"
     doc.write_text(DOC)

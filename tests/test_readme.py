@@ -35,6 +35,7 @@ def using_it() -> str:
     return re.search(r"## Using it\n\n```bash\n(.*?)```", text, re.DOTALL).group(1)
 
 
+@pytest.mark.slow  # the bundled model
 def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ran = []
@@ -57,6 +58,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert json.loads(ran[6][1])["deleted"] > 0
 
 
+@pytest.mark.slow  # the bundled model
 def test_readme_python_snippet_runs_as_written(capsys):
     (snippet,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
     exec(compile(snippet, str(README), "exec"), {})  # noqa: S102
