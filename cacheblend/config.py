@@ -13,6 +13,9 @@ METHODS = ("full", "prefix", "reuse", "blend", "epic")
 DEVIATIONS = ("v", "k", "kv")
 PRECOMPUTE_MODES = ("alone", "sink", "preamble", "prefix")
 LOADING_MODES = ("bulk", "layer", "prefetch")  # see cacheblend.blend.loader
+# hkvd: KV deviation (CacheBlend); qa: the question's attention; qkvd: deviation x attention;
+# qa-chunk: per-chunk budget by the question's attention, HKVD inside. See blend/select.py.
+SELECTORS = ("hkvd", "qa", "qkvd", "qa-chunk")
 
 
 @dataclass(frozen=True)
@@ -23,12 +26,17 @@ class BlendConfig:
     still being computed are narrowed, by KV deviation, to check_ratios[j] of the chunk tokens.
     The last ratio is the request's recompute ratio; a request's ``ratio`` replaces it (and
     scales the earlier ones by the same factor).
+    selector: how tokens are ranked at a check layer (one of SELECTORS, the same at every check
+    layer). coverage: 0 = a fixed budget; c > 0 = adaptive, keep the smallest top-ranked set
+    holding c of the selector's score mass, capped at the check ratio (see blend/select.py).
     """
 
     method: str = "blend"
     check_layers: tuple[int, ...] = (1,)
     check_ratios: tuple[float, ...] = (0.15,)
     deviation: str = "k"
+    selector: str = "hkvd"
+    coverage: float = 0.0
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     epic_k: int = 16
     precompute: str = "preamble"  # measured best for blend: docs/benchmarks.md
@@ -41,6 +49,10 @@ class BlendConfig:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.deviation not in DEVIATIONS:
             raise ConfigError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if not 0.0 <= self.coverage < 1.0:
+            raise ConfigError("coverage must lie in [0, 1) (0 = a fixed budget)")
         if self.precompute not in PRECOMPUTE_MODES:
             raise ConfigError(f"precompute must be one of {PRECOMPUTE_MODES}, got {self.precompute!r}")
         if not self.check_layers or len(self.check_layers) != len(self.check_ratios):

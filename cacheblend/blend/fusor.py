@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cacheblend.blend.loader import CachedSpan, LayerLoader
-from cacheblend.blend.select import Candidates, Selector, kv_deviation
+from cacheblend.blend.select import Candidates, Selector, kv_deviation, suffix_attention
 from cacheblend.kv import RequestKV
 from cacheblend.model.runner import ModelRunner
 
@@ -135,7 +135,7 @@ class Fusor:
                 layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
                 if index in checks:
                     keep = self._select(plan, checks[index], positions, k, v,
-                                        layer_keys, layer_values)
+                                        layer_keys, layer_values, q, rope)
                 # Fresh K/V overwrite cached rows for every token computed at this layer.
                 layer_keys[:, positions] = k
                 layer_values[:, positions] = v
@@ -168,8 +168,11 @@ class Fusor:
 
     @staticmethod
     def _select(plan: FusionPlan, selector: Selector, positions, fresh_k, fresh_v,
-                layer_keys, layer_values) -> torch.Tensor:
-        """Bool mask over the active tokens: non-chunk tokens always, chunk tokens by selector."""
+                layer_keys, layer_values, q=None, rope=None) -> torch.Tensor:
+        """Bool mask over the active tokens: non-chunk tokens always, chunk tokens by selector.
+        A query-aware selector also gets the suffix's attention on each chunk token at this
+        layer (its queries against the fresh keys of the computed rows, cached keys elsewhere):
+        the suffix computes that attention anyway, so it costs s x T scores, no extra layer."""
         in_chunk = _in_chunks(positions, plan.chunk_spans)
         keep = ~in_chunk
         chunk_index = in_chunk.nonzero().squeeze(1)
@@ -179,7 +182,17 @@ class Fusor:
                 fresh_k[:, chunk_index], layer_keys[:, chunk_positions],
                 fresh_v[:, chunk_index], layer_values[:, chunk_positions], plan.deviation,
             )
+            attention = None
+            if selector.needs_attention:
+                suffix_index = (~in_chunk).nonzero().squeeze(1)  # (s,) always holds T-1
+                suffix_positions = positions[suffix_index]
+                keys = layer_keys.clone()  # (KV, T, hd)
+                keys[:, positions] = fresh_k
+                key_positions = torch.arange(keys.shape[1], device=positions.device)
+                mass = suffix_attention(rope.apply(q[:, suffix_index], suffix_positions),
+                                        suffix_positions, keys, key_positions)  # (T,)
+                attention = mass[chunk_positions]
             candidates = Candidates(chunk_positions, deviation, plan.chunk_spans,
-                                    plan.num_chunk_tokens)
+                                    plan.num_chunk_tokens, attention)
             keep[chunk_index] = selector.keep(candidates)
         return keep

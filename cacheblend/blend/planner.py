@@ -11,6 +11,9 @@ builds the plan:
 | reuse | prefix + every chunk | suffix | no |
 | epic | prefix + every chunk | first k tokens of each chunk + suffix | no |
 | blend | prefix + every chunk | every chunk token + suffix | to the selected tokens |
+
+blend's check selectors come from the request's BlendConfig (``selector``, ``coverage``,
+``first_k``) through ``blend.select.make_selector``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from cacheblend.blend.chunks import ChunkCache
 from cacheblend.blend.controller import LoadingController
 from cacheblend.blend.fusor import FusionPlan
 from cacheblend.blend.loader import CachedSpan
-from cacheblend.blend.select import FirstKSelector, HKVDSelector, UnionSelector, first_k_mask
+from cacheblend.blend.select import first_k_mask, make_selector
 from cacheblend.prompt import Segments
 from cacheblend.request import RequestSettings
 
@@ -82,9 +85,8 @@ class Planner:
             active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
             blend = blend.with_ratio(ratio)
             for layer, layer_ratio in zip(blend.check_layers, blend.check_ratios):
-                selector = HKVDSelector(layer_ratio)
-                if blend.first_k:
-                    selector = UnionSelector(selector, FirstKSelector(blend.first_k))
+                selector = make_selector(blend.selector, layer_ratio, blend.coverage,
+                                         blend.first_k)
                 checks.append((min(layer, self.num_layers - 1), selector))
         plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation)
         return PlannedPrefill(plan, method, ratio if method == "blend" else None, lookup)

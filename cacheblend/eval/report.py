@@ -49,6 +49,56 @@ def dataset_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _ci(interval, digits: int = 3) -> str:
+    return "" if not interval else f" [{_fmt(interval[0], digits)}, {_fmt(interval[1], digits)}]"
+
+
+def _share(value, interval=None) -> str:
+    if value is None or value != value:  # None or NaN
+        return "-"
+    text = f"{100 * value:.0f}%"
+    if interval:
+        text += f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]"
+    return text
+
+
+BLEND_BASELINE = "blend"  # today's default (HKVD at 15%, check layer 1): the TTFT yardstick
+
+
+def selection_table(summary: dict) -> str:
+    """The measurement issue 12 asks for, one row per method: KL mean [90% bootstrap interval]
+    and p90; the share of best-reuse's KL recovered [interval]; examples worse than best reuse;
+    top-1 agreement; the answer score against full's; the gold score; TTFT over blend@0.15's."""
+    metric = summary["metric"]
+    name = METRIC_NAMES.get(metric, metric)
+    methods = summary["methods"]
+    best = next((m.get("best_reuse") for m in methods.values() if m.get("best_reuse")), None)
+    base_ttft = methods.get(BLEND_BASELINE, {}).get("ttft_s")
+    lines = [
+        (f"Against reuse in its best precompute mode here: `{best}`. Intervals: 90% bootstrap "
+         "over examples (2000 resamples, seed 0)."),
+        "",
+        (f"| method | n | KL mean [90% CI] | KL p90 | recovered of best reuse's KL | worse than "
+         f"reuse | top-1 [90% CI] | {name} vs full [90% CI] | {name} (gold) | TTFT / "
+         f"`{BLEND_BASELINE}` | recomputed |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in methods.items():
+        ttft = m.get("ttft_s")
+        ratio = f"{ttft / base_ttft:.2f}x" if ttft and base_ttft else "-"
+        worse = m.get("worse_than_reuse")
+        worse_text = "-" if worse is None else f"{worse}/{m.get('n_vs_reuse')}"
+        vs_full = m.get(f"{metric}_vs_full")
+        lines.append(
+            f"| `{label}` | {m['n']} | {_fmt(m.get('kl_first_token'), 4)}"
+            f"{_ci(m.get('kl_ci'), 4)} | {_fmt(m.get('kl_p90'), 4)} | "
+            f"{_share(m.get('recovered'), m.get('recovered_ci'))} | {worse_text} | "
+            f"{_fmt(m.get('top1_agreement'), 2)}{_ci(m.get('top1_ci'), 2)} | "
+            f"{_fmt(vs_full)}{_ci(m.get(f'{metric}_vs_full_ci')) if vs_full is not None else ''}"
+            f" | {_fmt(m.get(metric))} | {ratio} | {_pct(m.get('recomputed_frac'))} |")
+    return "\n".join(lines)
+
+
 def overview_table(summaries: list[dict]) -> str:
     """One row per method found in every dataset: quality and speed-up, averaged over datasets
     (each dataset weighs the same), KL also as a share of ``reuse``'s."""
@@ -173,6 +223,8 @@ def write_report(out_dir: str | Path, summaries: list[dict], sweep: dict | None 
                   f"{setting['passage_tokens'] or 'untruncated'}, max new tokens: "
                   f"{setting['max_tokens']}; model `{setting['model'][:12]}`, store codec "
                   f"{setting['store_codec']}."), "", dataset_table(summary)]
+        if any("recovered" in m for m in summary["methods"].values()):
+            parts += ["", "Against reuse, with intervals:", "", selection_table(summary)]
         parts += ["", _scored_note(summary)]
         if summary.get("answer_in_context") is not None:
             parts[-1] += (f" A gold answer occurs in the passages shown for "
