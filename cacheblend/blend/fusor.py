@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cacheblend.blend.loader import CachedSpan, LayerLoader
+from cacheblend.blend.probe import probe_attention, suffix_positions
 from cacheblend.blend.select import Candidates, Selector, kv_deviation, suffix_attention
 from cacheblend.kv import RequestKV
 from cacheblend.model.runner import ModelRunner
@@ -39,6 +40,7 @@ class FusionPlan:
     deviation: str = "k"
     capture: bool = False  # record pre-RoPE K/V of active rows (plans without checks only)
     resident: int = 0  # rows [0, resident) are in the request KV already (an earlier slice)
+    probe_layers: int = 0  # > 0: query-aware selectors use a probe of the suffix (blend/probe.py)
 
     def __post_init__(self) -> None:
         total = self.ids.shape[0]
@@ -120,6 +122,10 @@ class Fusor:
             cached_rows[span.start : span.end] = True
         captured = [] if plan.capture else None
         active_per_layer = []
+        probed = None  # (T,) the suffix's attention from the probe pass, if the plan asks
+        if plan.probe_layers and any(s.needs_attention for _, s in plan.checks):
+            probed = probe_attention(runner, plan.ids, suffix_positions(
+                positions, plan.chunk_spans), kv, loader, plan.probe_layers)
 
         last = runner.num_layers - 1
         try:
@@ -135,7 +141,7 @@ class Fusor:
                 layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
                 if index in checks:
                     keep = self._select(plan, checks[index], positions, k, v,
-                                        layer_keys, layer_values, q, rope)
+                                        layer_keys, layer_values, q, rope, probed)
                 # Fresh K/V overwrite cached rows for every token computed at this layer.
                 layer_keys[:, positions] = k
                 layer_values[:, positions] = v
@@ -168,11 +174,12 @@ class Fusor:
 
     @staticmethod
     def _select(plan: FusionPlan, selector: Selector, positions, fresh_k, fresh_v,
-                layer_keys, layer_values, q=None, rope=None) -> torch.Tensor:
+                layer_keys, layer_values, q=None, rope=None, probed=None) -> torch.Tensor:
         """Bool mask over the active tokens: non-chunk tokens always, chunk tokens by selector.
         A query-aware selector also gets the suffix's attention on each chunk token at this
         layer (its queries against the fresh keys of the computed rows, cached keys elsewhere):
-        the suffix computes that attention anyway, so it costs s x T scores, no extra layer."""
+        the suffix computes that attention anyway, so it costs s x T scores, no extra layer.
+        ``probed``: (T,) the probe pass's attention instead (blend/probe.py)."""
         in_chunk = _in_chunks(positions, plan.chunk_spans)
         keep = ~in_chunk
         chunk_index = in_chunk.nonzero().squeeze(1)
@@ -183,7 +190,9 @@ class Fusor:
                 fresh_v[:, chunk_index], layer_values[:, chunk_positions], plan.deviation,
             )
             attention = None
-            if selector.needs_attention:
+            if selector.needs_attention and probed is not None:
+                attention = probed[chunk_positions]
+            elif selector.needs_attention:
                 suffix_index = (~in_chunk).nonzero().squeeze(1)  # (s,) always holds T-1
                 suffix_positions = positions[suffix_index]
                 keys = layer_keys.clone()  # (KV, T, hd)

@@ -84,12 +84,24 @@ class Planner:
         else:  # blend
             active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
             blend = blend.with_ratio(ratio)
+            probe = blend.probe_layers if blend.selector != "hkvd" else 0
+            if probe:
+                blend = blend.with_ratio(max(0.0, blend.ratio - self._probe_cost(
+                    probe, len(segments.suffix), sum(e - s for s, e in spans), blend)))
             for layer, layer_ratio in zip(blend.check_layers, blend.check_ratios):
                 selector = make_selector(blend.selector, layer_ratio, blend.coverage,
                                          blend.first_k)
                 checks.append((min(layer, self.num_layers - 1), selector))
-        plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation)
-        return PlannedPrefill(plan, method, ratio if method == "blend" else None, lookup)
+        plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation,
+                          probe_layers=blend.probe_layers if checks else 0)
+        return PlannedPrefill(plan, method, blend.ratio if method == "blend" else None, lookup)
+
+    def _probe_cost(self, layers: int, suffix_tokens: int, chunk_tokens: int, blend) -> float:
+        """The probe's token-layers (suffix x probed layers) as a share of the chunk tokens x
+        layers after the last check: the ratio it uses up, so the budget stays compute-matched."""
+        after = self.num_layers - min(blend.check_layers[-1], self.num_layers - 1) - 1
+        probed = suffix_tokens * min(layers, self.num_layers)
+        return probed / max(1, chunk_tokens * after)
 
     def _lookup_chunks(self, segments: Segments, settings: RequestSettings):
         """(spans, lookup, ratio): entries for the prefix and every chunk (misses computed and

@@ -13,6 +13,9 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
                                             holding NUMBER of the selector's score mass, capped
                                             at the "@" ratio (BlendConfig.coverage)
                | "+first" INT               blend: also recompute each chunk's first INT tokens
+               | "+probe" INT               blend, query-aware selectors: rank by a probe of the
+                                            suffix over the cached KV, first INT layers (its
+                                            cost comes out of the ratio: blend/probe.py)
                | "@" NUMBER                 blend: recompute ratio; epic: k (tokens per chunk)
     schedule  := "L" INT ["=" RATIO] ("," "L" INT ["=" RATIO])*
                                             blend: check layers and their ratios; the last
@@ -22,7 +25,7 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
 Examples: ``blend@0.05``, ``blend-v@0.15``, ``blend-kv``, ``blend-gradual``,
 ``blend@0.15:L1=0.3,L4``, ``blend+first16``, ``epic@32``, ``reuse/sink``, ``blend[qa]@0.05``,
 ``blend[qkvd]@0.15:L2`` (check layer 2), ``blend[qkvd]@0.15:L1=0.3,L2`` (two stages),
-``blend[qa-chunk]~0.5@0.3`` (adaptive, at most 30%).
+``blend[qa-chunk]~0.5@0.3`` (adaptive, at most 30%), ``blend[qkvd]+probe30@0.15``.
 
 A spec turns into (engine method, BlendConfig); ``MethodSpec.request_blend(engine)`` is the
 BlendConfig a request carries to be served that way (a per-request setting: the engine itself
@@ -59,6 +62,7 @@ class MethodSpec:
     precompute: str | None = None
     selector: str | None = None
     coverage: float | None = None
+    probe_layers: int | None = None
 
     @property
     def uses_chunks(self) -> bool:
@@ -79,6 +83,8 @@ class MethodSpec:
             changes["selector"] = self.selector
         if self.coverage is not None:
             changes["coverage"] = self.coverage
+        if self.probe_layers is not None:
+            changes["probe_layers"] = self.probe_layers
         if self.schedule is not None:
             last_ratio = self.schedule[-1][1]
             ratio = self.ratio if last_ratio is None else last_ratio
@@ -98,7 +104,8 @@ class MethodSpec:
         return self.blend_config(engine.config.blend)
 
 
-_MODIFIER = re.compile(r"(-kv|-k|-v|-gradual|\+first\d+|@[0-9.]+|~[0-9.]+|\[[a-z-]+\])")
+_MODIFIER = re.compile(
+    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d+|@[0-9.]+|~[0-9.]+|\[[a-z-]+\])")
 
 
 def parse_method(text: str, precompute: str | None = None) -> MethodSpec:
@@ -186,6 +193,8 @@ def _apply_modifier(text: str, method: str, modifier: str, fields: dict) -> None
         once("deviation", modifier[1:])
     elif modifier == "-gradual":
         once("gradual", True)
+    elif modifier.startswith("+probe"):
+        once("probe_layers", int(modifier[len("+probe"):]))
     else:  # +firstN
         once("first_k", int(modifier[len("+first"):]))
 

@@ -63,3 +63,18 @@ def test_overview_averages_datasets_alike():
     assert "| `reuse` | 0.2000 | 1.00x | 1.00 | 0.300 | 6.00x | 10.0% |" in table
     two["methods"].pop("reuse")
     assert "`reuse`" not in overview_table([one, two])  # only methods every dataset ran
+
+
+def test_selection_table_reports_recovery_against_best_reuse():
+    from cacheblend.eval.report import selection_table
+
+    data = summary()
+    for label, share in (("reuse", 0.0), ("blend", 0.75)):
+        data["methods"][label].update(best_reuse="reuse", recovered=share,
+                                      recovered_ci=(share - 0.1, share + 0.1),
+                                      worse_than_reuse=1, n_vs_reuse=2, kl_p90=0.3,
+                                      kl_ci=(0.01, 0.1), top1_ci=(1.0, 1.0))
+    text = selection_table(data)
+    assert "best precompute mode here: `reuse`" in text
+    assert "| 75% [65, 85] | 1/2 |" in text
+    assert "| 3.00x |" in text  # full's TTFT over blend's
