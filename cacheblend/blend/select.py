@@ -24,7 +24,6 @@ import torch
 from cacheblend.config import SELECTORS
 
 
-
 @dataclass
 class Candidates:
     """The chunk tokens still computed at a check layer.

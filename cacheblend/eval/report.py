@@ -6,6 +6,7 @@ page) and copies the plots next to it, so the page is self-contained wherever it
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def _ci(interval, digits: int = 3) -> str:
 
 
 def _share(value, interval=None) -> str:
-    if value is None or value != value:  # None or NaN
+    if value is None or math.isnan(value):
         return "-"
     text = f"{100 * value:.0f}%"
     if interval:
