@@ -19,7 +19,7 @@ blend's check selectors come from the request's BlendConfig (``selector``, ``cov
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -85,9 +85,12 @@ class Planner:
             active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
             blend = blend.with_ratio(ratio)
             probe = blend.probe_layers if blend.selector != "hkvd" else 0
-            if probe:
-                blend = blend.with_ratio(max(0.0, blend.ratio - self._probe_cost(
-                    probe, len(segments.suffix), sum(e - s for s, e in spans), blend)))
+            cost = self._probe_cost(probe, len(segments.suffix),
+                                    sum(e - s for s, e in spans), blend) if probe else 0.0
+            # A probe that would use up more than half the budget (a long suffix) is skipped:
+            # the selector reads the check layer's attention instead.
+            blend = (blend.with_ratio(blend.ratio - cost) if cost <= blend.ratio / 2
+                     else replace(blend, probe_layers=0))
             for layer, layer_ratio in zip(blend.check_layers, blend.check_ratios):
                 selector = make_selector(blend.selector, layer_ratio, blend.coverage,
                                          blend.first_k)
