@@ -187,3 +187,41 @@ def test_each_selector_recomputes_its_ratio_in_a_real_prefill(engine_factory, na
                               blend=BlendConfig(selector=name, check_ratios=(0.2,)))
     stats = engine.prefill(request)[2]
     assert stats.recomputed_tokens == -(-stats.chunk_tokens * 2 // 10)
+
+
+def test_probe_cost_comes_out_of_the_budget():
+    from cacheblend.blend.planner import Planner
+
+    planner = Planner(None, None, num_layers=30)
+    blend = BlendConfig(check_layers=(1,))
+    # 36 suffix tokens x 30 probed layers against 1920 chunk tokens x 28 layers after the check
+    assert planner._probe_cost(30, 36, 1920, blend) == pytest.approx(36 * 30 / (1920 * 28))
+    assert planner._probe_cost(99, 36, 1920, blend) == planner._probe_cost(30, 36, 1920, blend)
+
+
+@pytest.mark.slow
+def test_blend_after_a_probe_equals_full_prefill_when_every_token_is_kept(engine_factory):
+    """The probe writes suffix rows and loads cached ones; the blend pass after it must still
+    give exactly a full prefill when it recomputes every token."""
+    from dataclasses import replace
+
+    from cacheblend.engine import GenerateRequest
+    from cacheblend.kv import RequestKV
+    from cacheblend.request import RequestSettings
+
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(DOCS, progress=False)
+    question = "Where was the designer of the lighthouse born?"
+    full_kv, full_logits, _ = engine.prefill(GenerateRequest(question=question, documents=DOCS,
+                                                             method="full"))
+    request = GenerateRequest(question=question, documents=DOCS, method="blend")
+    segments = engine.segments_for(request)
+    settings = RequestSettings.resolve(request, BlendConfig(selector="qa"), "bulk")
+    plan = engine.planner.plan(segments, settings).plan
+    plan = replace(plan, probe_layers=30, checks=[(1, QueryAttentionSelector(1.0))])
+    runner = engine.runner
+    kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, full_kv.length)
+    result = engine.fusor.run(plan, kv)
+    assert (result.logits - full_logits).abs().max().item() <= 1e-4
+    n = full_kv.length
+    assert (kv.keys[:, :, :n] - full_kv.keys[:, :, :n]).abs().max().item() <= 1e-4
