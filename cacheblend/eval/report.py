@@ -119,17 +119,25 @@ def overview_table(summaries: list[dict]) -> str:
         reuse = summary["methods"].get("reuse", {}).get("kl_first_token")
         return kl / reuse if reuse and kl is not None else None
 
-    lines = [("| method | KL(full‖m) | KL / reuse's | top-1 agree | score vs full | "
-              "speed-up vs full | recomputed of chunks |"),
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| method | KL(full‖m) | KL / reuse's | recovered of best reuse's KL (min over "
+              "datasets) | worse than reuse | top-1 agree | score vs full | speed-up vs full | "
+              "recomputed of chunks |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         vs_full = [s["methods"][label].get(f"{s['metric']}_vs_full") for s in summaries]
         vs_full = [v for v in vs_full if v is not None]
         share = mean_of(label, "kl_first_token", kl_share)
         fast = mean_of(label, "ttft_s", speedup)
+        recovered = [s["methods"][label].get("recovered") for s in summaries]
+        recovered = [r for r in recovered if r is not None]
+        worse = [s["methods"][label].get("worse_than_reuse") for s in summaries]
+        compared = [s["methods"][label].get("n_vs_reuse") for s in summaries]
+        worse_text = (f"{sum(worse)}/{sum(compared)}" if None not in worse + compared else "-")
+        recovered_text = (f"{_share(sum(recovered) / len(recovered))} ({_share(min(recovered))})"
+                          if len(recovered) == len(summaries) else "-")
         lines.append(
             f"| `{label}` | {_fmt(mean_of(label, 'kl_first_token'), 4)} | "
-            f"{'-' if share is None else f'{share:.2f}x'} | "
+            f"{'-' if share is None else f'{share:.2f}x'} | {recovered_text} | {worse_text} | "
             f"{_fmt(mean_of(label, 'top1_agreement'), 2)} | "
             f"{_fmt(sum(vs_full) / len(vs_full)) if vs_full else '-'} | "
             f"{'-' if fast is None else f'{fast:.2f}x'} | "

@@ -59,8 +59,12 @@ def test_overview_averages_datasets_alike():
     del two["methods"]["reuse"]["ttft_s"]
     table = overview_table([one, two])
     # blend: KL (0.05 + 0.1) / 2; share of reuse's (0.25 + 0.5) / 2; speed-up (3 + 6) / 2
-    assert "| `blend` | 0.0750 | 0.38x | 1.00 | 0.500 | 4.50x | 10.0% |" in table
-    assert "| `reuse` | 0.2000 | 1.00x | 1.00 | 0.300 | 6.00x | 10.0% |" in table
+    assert "| `blend` | 0.0750 | 0.38x | - | - | 1.00 | 0.500 | 4.50x | 10.0% |" in table
+    assert "| `reuse` | 0.2000 | 1.00x | - | - | 1.00 | 0.300 | 6.00x | 10.0% |" in table
+    for data, share, worse in ((one, 0.8, 1), (two, 0.6, 2)):
+        data["methods"]["blend"].update(recovered=share, worse_than_reuse=worse, n_vs_reuse=50)
+    # recovered: mean over datasets (and the worst one); worse-than-reuse: summed
+    assert "| `blend` | 0.0750 | 0.38x | 70% (60%) | 3/100 |" in overview_table([one, two])
     two["methods"].pop("reuse")
     assert "`reuse`" not in overview_table([one, two])  # only methods every dataset ran
 
