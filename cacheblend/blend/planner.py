@@ -87,10 +87,11 @@ class Planner:
             probe = blend.probe_layers if blend.selector != "hkvd" else 0
             cost = self._probe_cost(probe, len(segments.suffix),
                                     sum(e - s for s, e in spans), blend) if probe else 0.0
-            # A probe that would use up more than half the budget (a long suffix) is skipped:
-            # the selector reads the check layer's attention instead.
+            # A probe that would use up more than half the budget (a long suffix, SAMSum's
+            # dialogue) is skipped and HKVD selects: the question's attention at an early check
+            # layer alone ranked worse than deviation (docs/results.md, selection).
             blend = (blend.with_ratio(blend.ratio - cost) if cost <= blend.ratio / 2
-                     else replace(blend, probe_layers=0))
+                     else replace(blend, probe_layers=0, selector="hkvd"))
             for layer, layer_ratio in zip(blend.check_layers, blend.check_ratios):
                 selector = make_selector(blend.selector, layer_ratio, blend.coverage,
                                          blend.first_k)

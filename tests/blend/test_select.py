@@ -225,3 +225,22 @@ def test_blend_after_a_probe_equals_full_prefill_when_every_token_is_kept(engine
     assert (result.logits - full_logits).abs().max().item() <= 1e-4
     n = full_kv.length
     assert (kv.keys[:, :, :n] - full_kv.keys[:, :, :n]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_probe_too_dear_for_the_budget_falls_back_to_hkvd(engine_factory):
+    from cacheblend.engine import GenerateRequest
+    from cacheblend.request import RequestSettings
+
+    engine = engine_factory()
+    engine.ingest(DOCS, progress=False)
+    long_question = "Where was the designer of the lighthouse born, and when? " * 8
+    for question, probed in (("Who?", True), (long_question, False)):
+        request = GenerateRequest(question=question, documents=DOCS, method="blend")
+        settings = RequestSettings.resolve(
+            request, BlendConfig(selector="qa", probe_layers=30, check_ratios=(0.3,)), "bulk")
+        planned = engine.planner.plan(engine.segments_for(request), settings)
+        selector = planned.plan.checks[0][1]
+        assert (planned.plan.probe_layers == 30) is probed
+        assert isinstance(selector, QueryAttentionSelector if probed else HKVDSelector)
+        assert (planned.ratio < 0.3) is probed  # the probe's cost comes out of the ratio
