@@ -366,9 +366,11 @@ def _against_reuse(rows: list[dict], out: dict[str, dict]) -> None:
         by_method.setdefault(row["method"], {})[row["example"]] = row
     reuses = [label for label in out if by_method[label] and
               next(iter(by_method[label].values())).get("base") == "reuse"]
+    reuses = [label for label in reuses if out[label]["kl_first_token"] is not None]
     best = min(reuses, key=lambda label: out[label]["kl_first_token"]) if reuses else None
     for label, summary in out.items():
-        mine = by_method[label]
+        mine = {e: r for e, r in by_method[label].items()
+                if r.get("kl_first_token") is not None}
         kls = [r["kl_first_token"] for r in mine.values()]
         summary["kl_p90"] = percentile(kls, 90) if kls else None
         summary["kl_ci"] = bootstrap_interval(mean_of, kls)
@@ -377,7 +379,8 @@ def _against_reuse(rows: list[dict], out: dict[str, dict]) -> None:
         summary["best_reuse"] = best
         if best is None:
             continue
-        common = [e for e in mine if e in by_method[best]]
+        common = [e for e in mine
+                  if by_method[best].get(e, {}).get("kl_first_token") is not None]
         method_kl = [mine[e]["kl_first_token"] for e in common]
         reuse_kl = [by_method[best][e]["kl_first_token"] for e in common]
         if not common:
