@@ -194,12 +194,12 @@ class Fusor:
                 attention = probed[chunk_positions]
             elif selector.needs_attention:
                 suffix_index = (~in_chunk).nonzero().squeeze(1)  # (s,) always holds T-1
-                suffix_positions = positions[suffix_index]
+                suffix_at = positions[suffix_index]
                 keys = layer_keys.clone()  # (KV, T, hd)
                 keys[:, positions] = fresh_k
                 key_positions = torch.arange(keys.shape[1], device=positions.device)
-                mass = suffix_attention(rope.apply(q[:, suffix_index], suffix_positions),
-                                        suffix_positions, keys, key_positions)  # (T,)
+                mass = suffix_attention(rope.apply(q[:, suffix_index], suffix_at),
+                                        suffix_at, keys, key_positions)  # (T,)
                 attention = mass[chunk_positions]
             candidates = Candidates(chunk_positions, deviation, plan.chunk_spans,
                                     plan.num_chunk_tokens, attention)
