@@ -14,6 +14,9 @@ DEVIATIONS = ("v", "k", "kv")
 PRECOMPUTE_MODES = ("alone", "sink", "preamble", "prefix")
 LOADING_MODES = ("bulk", "layer", "prefetch")  # see cacheblend.blend.loader
 DTYPES = ("auto", "bf16", "fp16", "fp32")  # see cacheblend.device
+# hkvd: KV deviation (CacheBlend); qa: the question's attention; qkvd: deviation x attention;
+# qa-chunk: per-chunk budget by the question's attention, HKVD inside. See blend/select.py.
+SELECTORS = ("hkvd", "qa", "qkvd", "qa-chunk")
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,20 @@ class BlendConfig:
     still being computed are narrowed, by KV deviation, to check_ratios[j] of the chunk tokens.
     The last ratio is the request's recompute ratio; a request's ``ratio`` replaces it (and
     scales the earlier ones by the same factor).
+    selector: how tokens are ranked at a check layer (one of SELECTORS, the same at every check
+    layer). coverage: 0 = a fixed budget; c > 0 = adaptive, keep the smallest top-ranked set
+    holding c of the selector's score mass, capped at the check ratio (see blend/select.py).
+    probe_layers: with a query-aware selector, run the suffix over the cached KV for this many
+    layers first and rank by that attention (its cost is taken out of the ratio).
     """
 
     method: str = "blend"
     check_layers: tuple[int, ...] = (1,)
     check_ratios: tuple[float, ...] = (0.15,)
     deviation: str = "k"
+    selector: str = "hkvd"
+    coverage: float = 0.0
+    probe_layers: int = 0  # > 0: query-aware selectors read a probe of the suffix (blend/probe.py)
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     epic_k: int = 16
     precompute: str = "preamble"  # measured best for blend: docs/benchmarks.md
@@ -42,6 +53,10 @@ class BlendConfig:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.deviation not in DEVIATIONS:
             raise ConfigError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if not 0.0 <= self.coverage < 1.0:
+            raise ConfigError("coverage must lie in [0, 1) (0 = a fixed budget)")
         if self.precompute not in PRECOMPUTE_MODES:
             raise ConfigError(f"precompute must be one of {PRECOMPUTE_MODES}, got {self.precompute!r}")
         if not self.check_layers or len(self.check_layers) != len(self.check_ratios):
@@ -52,8 +67,8 @@ class BlendConfig:
             raise ConfigError("check_ratios must lie in [0, 1]")
         if list(self.check_ratios) != sorted(self.check_ratios, reverse=True):
             raise ConfigError("check_ratios must not increase (each check layer narrows the set)")
-        if self.epic_k < 0 or self.first_k < 0:
-            raise ConfigError("epic_k and first_k must be >= 0")
+        if self.epic_k < 0 or self.first_k < 0 or self.probe_layers < 0:
+            raise ConfigError("epic_k, first_k and probe_layers must be >= 0")
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ConfigError("min_ratio must lie in [0, 1]")
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cacheblend.blend.loader import CachedSpan, LayerLoader
-from cacheblend.blend.select import Candidates, Selector, kv_deviation
+from cacheblend.blend.probe import probe_attention, suffix_positions
+from cacheblend.blend.select import Candidates, Selector, kv_deviation, suffix_attention
 from cacheblend.device import host_sync
 from cacheblend.kv import RequestKV
 from cacheblend.model.attention import QueryLayout
@@ -51,6 +52,7 @@ class FusionPlan:
     deviation: str = "k"
     capture: bool = False  # record pre-RoPE K/V of active rows (plans without checks only)
     resident: int = 0  # rows [0, resident) are in the request KV already (an earlier slice)
+    probe_layers: int = 0  # > 0: query-aware selectors use a probe of the suffix (blend/probe.py)
     # Derived on the host at construction:
     kind: str = field(init=False)  # attention of the active set: causal | tail | scattered
     num_chunk_active: int = field(init=False)  # active positions inside chunks
@@ -123,6 +125,7 @@ class _Pass:
     captured: list | None
     active_per_layer: list[int] = field(default_factory=list)
     computed: torch.Tensor | None = None
+    probed: torch.Tensor | None = None  # (T,) the suffix's attention from a probe pass
 
     @property
     def n(self) -> int:
@@ -161,6 +164,9 @@ class Fusor:
         state = self._start(plan, kv)
         checks = dict(plan.checks)
         loader = LayerLoader(plan.cached, runner.rope, kv, mode=loading)
+        if plan.probe_layers and any(s.needs_attention for _, s in plan.checks):
+            state.probed = probe_attention(runner, plan.ids, suffix_positions(
+                state.positions, plan.chunk_spans), kv, loader, plan.probe_layers)
         try:
             for index in range(runner.num_layers):
                 self._layer(index, plan, checks.get(index), state, kv, loader)
@@ -215,7 +221,7 @@ class Fusor:
         layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
         keep = None
         if selector is not None:
-            keep = self._select(plan, selector, state, k, v, layer_keys, layer_values)
+            keep = self._select(plan, selector, state, k, v, layer_keys, layer_values, q, rope)
         # Fresh K/V overwrite cached rows for every token computed at this layer.
         layer_keys[:, state.positions] = k
         layer_values[:, state.positions] = v
@@ -237,9 +243,14 @@ class Fusor:
 
     @staticmethod
     def _select(plan: FusionPlan, selector: Selector, state: _Pass, fresh_k, fresh_v,
-                layer_keys, layer_values) -> torch.Tensor | None:
+                layer_keys, layer_values, q=None, rope=None) -> torch.Tensor | None:
         """Indices (into the active tokens) of those that keep running: non-chunk tokens always,
-        chunk tokens by the selector; None when every token is kept."""
+        chunk tokens by the selector; None when every token is kept.
+
+        A query-aware selector also gets the suffix's attention on each chunk token at this
+        layer (its queries against the fresh keys of the computed rows, cached keys elsewhere):
+        the suffix computes that attention anyway, so it costs s x T scores, no extra layer;
+        or, with a probe pass (``state.probed``, blend/probe.py), the probe's attention."""
         positions, n, candidates_n = state.positions, state.n, state.num_candidates
         in_chunk = state.in_chunk[positions]  # (n,)
         keep = ~in_chunk
@@ -250,8 +261,20 @@ class Fusor:
                 fresh_k[:, chunk_index], layer_keys[:, chunk_positions],
                 fresh_v[:, chunk_index], layer_values[:, chunk_positions], plan.deviation,
             )
+            attention = None
+            if selector.needs_attention and state.probed is not None:
+                attention = state.probed[chunk_positions]
+            elif selector.needs_attention:
+                suffix_index = first_true(~in_chunk, n - candidates_n)  # (s,) holds T-1
+                suffix_at = positions[suffix_index]
+                keys = layer_keys.clone()  # (KV, T, hd)
+                keys[:, positions] = fresh_k
+                key_positions = torch.arange(keys.shape[1], device=positions.device)
+                mass = suffix_attention(rope.apply(q[:, suffix_index], suffix_at),
+                                        suffix_at, keys, key_positions)  # (T,)
+                attention = mass[chunk_positions]
             candidates = Candidates(chunk_positions, deviation, plan.chunk_spans,
-                                    plan.num_chunk_tokens)
+                                    plan.num_chunk_tokens, attention)
             keep[chunk_index] = selector.keep(candidates)
         kept = selector.kept_count(candidates_n, plan.num_chunk_tokens) if candidates_n else 0
         num_keep = n - candidates_n + kept if kept is not None else host_sync(keep.sum())

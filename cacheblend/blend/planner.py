@@ -11,12 +11,15 @@ builds the plan:
 | reuse | prefix + every chunk | suffix | no |
 | epic | prefix + every chunk | first k tokens of each chunk + suffix | no |
 | blend | prefix + every chunk | every chunk token + suffix | to the selected tokens |
+
+blend's check selectors come from the request's BlendConfig (``selector``, ``coverage``,
+``first_k``) through ``blend.select.make_selector``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,7 +27,7 @@ from cacheblend.blend.chunks import ChunkCache
 from cacheblend.blend.controller import LoadingController
 from cacheblend.blend.fusor import FusionPlan
 from cacheblend.blend.loader import CachedSpan
-from cacheblend.blend.select import FirstKSelector, HKVDSelector, UnionSelector, first_k_mask
+from cacheblend.blend.select import first_k_mask, make_selector
 from cacheblend.prompt import Segments
 from cacheblend.request import RequestSettings
 
@@ -81,13 +84,28 @@ class Planner:
         else:  # blend
             active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
             blend = blend.with_ratio(ratio)
+            probe = blend.probe_layers if blend.selector != "hkvd" else 0
+            cost = self._probe_cost(probe, len(segments.suffix),
+                                    sum(e - s for s, e in spans), blend) if probe else 0.0
+            # A probe that would use up more than half the budget (a long suffix, SAMSum's
+            # dialogue) is skipped and HKVD selects: the question's attention at an early check
+            # layer alone ranked worse than deviation (docs/results.md, selection).
+            blend = (blend.with_ratio(blend.ratio - cost) if cost <= blend.ratio / 2
+                     else replace(blend, probe_layers=0, selector="hkvd"))
             for layer, layer_ratio in zip(blend.check_layers, blend.check_ratios):
-                selector = HKVDSelector(layer_ratio)
-                if blend.first_k:
-                    selector = UnionSelector(selector, FirstKSelector(blend.first_k))
+                selector = make_selector(blend.selector, layer_ratio, blend.coverage,
+                                         blend.first_k)
                 checks.append((min(layer, self.num_layers - 1), selector))
-        plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation)
-        return PlannedPrefill(plan, method, ratio if method == "blend" else None, lookup)
+        plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation,
+                          probe_layers=blend.probe_layers if checks else 0)
+        return PlannedPrefill(plan, method, blend.ratio if method == "blend" else None, lookup)
+
+    def _probe_cost(self, layers: int, suffix_tokens: int, chunk_tokens: int, blend) -> float:
+        """The probe's token-layers (suffix x probed layers) as a share of the chunk tokens x
+        layers after the last check: the ratio it uses up, so the budget stays compute-matched."""
+        after = self.num_layers - min(blend.check_layers[-1], self.num_layers - 1) - 1
+        probed = suffix_tokens * min(layers, self.num_layers)
+        return probed / max(1, chunk_tokens * after)
 
     def _lookup_chunks(self, segments: Segments, settings: RequestSettings):
         """(spans, lookup, ratio): entries for the prefix and every chunk (misses computed and

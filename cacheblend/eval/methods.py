@@ -7,7 +7,15 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
     modifier  := "-k" | "-v" | "-kv"        blend: KV deviation used by HKVD (default: config)
                | "-gradual"                 blend: check layers 1, 4 at ratios 0.3, 0.15
                                             (an "@" ratio narrows both, keeping the 2:1 shape)
+               | "[" SELECTOR "]"           blend: how check layers rank tokens: hkvd | qa | qkvd
+                                            | qa-chunk (cacheblend.config.SELECTORS)
+               | "~" NUMBER                 blend: adaptive budget: the smallest top-ranked set
+                                            holding NUMBER of the selector's score mass, capped
+                                            at the "@" ratio (BlendConfig.coverage)
                | "+first" INT               blend: also recompute each chunk's first INT tokens
+               | "+probe" INT               blend, query-aware selectors: rank by a probe of the
+                                            suffix over the cached KV, first INT layers (its
+                                            cost comes out of the ratio: blend/probe.py)
                | "@" NUMBER                 blend: recompute ratio; epic: k (tokens per chunk)
     schedule  := "L" INT ["=" RATIO] ("," "L" INT ["=" RATIO])*
                                             blend: check layers and their ratios; the last
@@ -15,7 +23,9 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
     precompute:= alone | sink | preamble | prefix   how chunks are precomputed (reuse/blend/epic)
 
 Examples: ``blend@0.05``, ``blend-v@0.15``, ``blend-kv``, ``blend-gradual``,
-``blend@0.15:L1=0.3,L4``, ``blend+first16``, ``epic@32``, ``reuse/sink``.
+``blend@0.15:L1=0.3,L4``, ``blend+first16``, ``epic@32``, ``reuse/sink``, ``blend[qa]@0.05``,
+``blend[qkvd]@0.15:L2`` (check layer 2), ``blend[qkvd]@0.15:L1=0.3,L2`` (two stages),
+``blend[qa-chunk]~0.5@0.3`` (adaptive, at most 30%), ``blend[qkvd]+probe30@0.15``.
 
 A spec turns into (engine method, BlendConfig); ``MethodSpec.request_blend(engine)`` is the
 BlendConfig a request carries to be served that way (a per-request setting: the engine itself
@@ -27,7 +37,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from cacheblend.config import METHODS, PRECOMPUTE_MODES, BlendConfig
+from cacheblend.config import METHODS, PRECOMPUTE_MODES, SELECTORS, BlendConfig
 from cacheblend.errors import ConfigError
 
 GRADUAL_SCHEDULE = ((1, 0.3), (4, 0.15))
@@ -50,6 +60,9 @@ class MethodSpec:
     first_k: int | None = None
     epic_k: int | None = None
     precompute: str | None = None
+    selector: str | None = None
+    coverage: float | None = None
+    probe_layers: int | None = None
 
     @property
     def uses_chunks(self) -> bool:
@@ -66,6 +79,12 @@ class MethodSpec:
             changes["epic_k"] = self.epic_k
         if self.precompute is not None:
             changes["precompute"] = self.precompute
+        if self.selector is not None:
+            changes["selector"] = self.selector
+        if self.coverage is not None:
+            changes["coverage"] = self.coverage
+        if self.probe_layers is not None:
+            changes["probe_layers"] = self.probe_layers
         if self.schedule is not None:
             last_ratio = self.schedule[-1][1]
             ratio = self.ratio if last_ratio is None else last_ratio
@@ -85,7 +104,8 @@ class MethodSpec:
         return self.blend_config(engine.config.blend)
 
 
-_MODIFIER = re.compile(r"(-kv|-k|-v|-gradual|\+first\d+|@[0-9.]+)")
+_MODIFIER = re.compile(
+    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d+|@[0-9.]+|~[0-9.]+|\[[a-z-]+\])")
 
 
 def parse_method(text: str, precompute: str | None = None) -> MethodSpec:
@@ -155,10 +175,26 @@ def _apply_modifier(text: str, method: str, modifier: str, fields: dict) -> None
         return
     if method != "blend":
         raise MethodSpecError(f"method spec {text!r}: {modifier!r} applies to blend only")
-    if modifier in ("-k", "-v", "-kv"):
+    if modifier.startswith("["):
+        name = modifier[1:-1]
+        if name not in SELECTORS:
+            raise MethodSpecError(f"method spec {text!r}: selector must be one of "
+                                  f"{', '.join(SELECTORS)}")
+        once("selector", name)
+    elif modifier.startswith("~"):
+        try:
+            coverage = float(modifier[1:])
+        except ValueError:
+            raise MethodSpecError(f"method spec {text!r}: bad coverage {modifier!r}") from None
+        if not 0.0 < coverage < 1.0:
+            raise MethodSpecError(f"method spec {text!r}: coverage must lie in (0, 1)")
+        once("coverage", coverage)
+    elif modifier in ("-k", "-v", "-kv"):
         once("deviation", modifier[1:])
     elif modifier == "-gradual":
         once("gradual", True)
+    elif modifier.startswith("+probe"):
+        once("probe_layers", int(modifier[len("+probe"):]))
     else:  # +firstN
         once("first_k", int(modifier[len("+first"):]))
 

@@ -91,3 +91,50 @@ def first_line(text: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+# Statistics over examples: bootstrap intervals and the share of reuse's loss recovered.
+
+
+def bootstrap_interval(statistic, *samples, level: float = 0.9, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``statistic(*samples)``: the samples are paired (one
+    value per example each) and resampled together, with a fixed seed. None when empty."""
+    import numpy as np
+
+    arrays = [np.asarray(s, dtype=float) for s in samples]
+    n = arrays[0].shape[0]
+    if n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n, size=(resamples, n))
+    values = np.array([statistic(*(a[p] for a in arrays)) for p in picks], dtype=float)
+    low, high = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def mean_of(values) -> float:
+    import numpy as np
+
+    return float(np.mean(values))
+
+
+def recovered_share(method_kl, reuse_kl) -> float:
+    """Share of reuse's first-token KL the method removes: 1 - mean(method) / mean(reuse), over
+    the same examples. 1 = as exact as full prefill, 0 = no better than reuse, < 0 = worse.
+    NaN when reuse's mean KL is 0 (nothing to recover)."""
+    import numpy as np
+
+    reuse = float(np.mean(reuse_kl))
+    return 1.0 - float(np.mean(method_kl)) / reuse if reuse > 0 else float("nan")
+
+
+def worse_than(method_kl, reuse_kl) -> int:
+    """Number of examples where the method's KL exceeds reuse's on the same example."""
+    return sum(1 for m, r in zip(method_kl, reuse_kl, strict=True) if m > r)
+
+
+def percentile(values, q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q))

@@ -6,6 +6,7 @@ page) and copies the plots next to it, so the page is self-contained wherever it
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -49,6 +50,56 @@ def dataset_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _ci(interval, digits: int = 3) -> str:
+    return "" if not interval else f" [{_fmt(interval[0], digits)}, {_fmt(interval[1], digits)}]"
+
+
+def _share(value, interval=None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    text = f"{100 * value:.0f}%"
+    if interval:
+        text += f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]"
+    return text
+
+
+BLEND_BASELINE = "blend"  # today's default (HKVD at 15%, check layer 1): the TTFT yardstick
+
+
+def selection_table(summary: dict) -> str:
+    """The measurement issue 12 asks for, one row per method: KL mean [90% bootstrap interval]
+    and p90; the share of best-reuse's KL recovered [interval]; examples worse than best reuse;
+    top-1 agreement; the answer score against full's; the gold score; TTFT over blend@0.15's."""
+    metric = summary["metric"]
+    name = METRIC_NAMES.get(metric, metric)
+    methods = summary["methods"]
+    best = next((m.get("best_reuse") for m in methods.values() if m.get("best_reuse")), None)
+    base_ttft = methods.get(BLEND_BASELINE, {}).get("ttft_s")
+    lines = [
+        (f"Against reuse in its best precompute mode here: `{best}`. Intervals: 90% bootstrap "
+         "over examples (2000 resamples, seed 0)."),
+        "",
+        (f"| method | n | KL mean [90% CI] | KL p90 | recovered of best reuse's KL | worse than "
+         f"reuse | top-1 [90% CI] | {name} vs full [90% CI] | {name} (gold) | TTFT / "
+         f"`{BLEND_BASELINE}` | recomputed |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, m in methods.items():
+        ttft = m.get("ttft_s")
+        ratio = f"{ttft / base_ttft:.2f}x" if ttft and base_ttft else "-"
+        worse = m.get("worse_than_reuse")
+        worse_text = "-" if worse is None else f"{worse}/{m.get('n_vs_reuse')}"
+        vs_full = m.get(f"{metric}_vs_full")
+        lines.append(
+            f"| `{label}` | {m['n']} | {_fmt(m.get('kl_first_token'), 4)}"
+            f"{_ci(m.get('kl_ci'), 4)} | {_fmt(m.get('kl_p90'), 4)} | "
+            f"{_share(m.get('recovered'), m.get('recovered_ci'))} | {worse_text} | "
+            f"{_fmt(m.get('top1_agreement'), 2)}{_ci(m.get('top1_ci'), 2)} | "
+            f"{_fmt(vs_full)}{_ci(m.get(f'{metric}_vs_full_ci')) if vs_full is not None else ''}"
+            f" | {_fmt(m.get(metric))} | {ratio} | {_pct(m.get('recomputed_frac'))} |")
+    return "\n".join(lines)
+
+
 def overview_table(summaries: list[dict]) -> str:
     """One row per method found in every dataset: quality and speed-up, averaged over datasets
     (each dataset weighs the same), KL also as a share of ``reuse``'s."""
@@ -68,17 +119,25 @@ def overview_table(summaries: list[dict]) -> str:
         reuse = summary["methods"].get("reuse", {}).get("kl_first_token")
         return kl / reuse if reuse and kl is not None else None
 
-    lines = [("| method | KL(full‖m) | KL / reuse's | top-1 agree | score vs full | "
-              "speed-up vs full | recomputed of chunks |"),
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| method | KL(full‖m) | KL / reuse's | recovered of best reuse's KL (min over "
+              "datasets) | worse than reuse | top-1 agree | score vs full | speed-up vs full | "
+              "recomputed of chunks |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         vs_full = [s["methods"][label].get(f"{s['metric']}_vs_full") for s in summaries]
         vs_full = [v for v in vs_full if v is not None]
         share = mean_of(label, "kl_first_token", kl_share)
         fast = mean_of(label, "ttft_s", speedup)
+        recovered = [s["methods"][label].get("recovered") for s in summaries]
+        recovered = [r for r in recovered if r is not None]
+        worse = [s["methods"][label].get("worse_than_reuse") for s in summaries]
+        compared = [s["methods"][label].get("n_vs_reuse") for s in summaries]
+        worse_text = (f"{sum(worse)}/{sum(compared)}" if None not in worse + compared else "-")
+        recovered_text = (f"{_share(sum(recovered) / len(recovered))} ({_share(min(recovered))})"
+                          if len(recovered) == len(summaries) else "-")
         lines.append(
             f"| `{label}` | {_fmt(mean_of(label, 'kl_first_token'), 4)} | "
-            f"{'-' if share is None else f'{share:.2f}x'} | "
+            f"{'-' if share is None else f'{share:.2f}x'} | {recovered_text} | {worse_text} | "
             f"{_fmt(mean_of(label, 'top1_agreement'), 2)} | "
             f"{_fmt(sum(vs_full) / len(vs_full)) if vs_full else '-'} | "
             f"{'-' if fast is None else f'{fast:.2f}x'} | "
@@ -173,6 +232,8 @@ def write_report(out_dir: str | Path, summaries: list[dict], sweep: dict | None 
                   f"{setting['passage_tokens'] or 'untruncated'}, max new tokens: "
                   f"{setting['max_tokens']}; model `{setting['model'][:12]}`, store codec "
                   f"{setting['store_codec']}."), "", dataset_table(summary)]
+        if any("recovered" in m for m in summary["methods"].values()):
+            parts += ["", "Against reuse, with intervals:", "", selection_table(summary)]
         parts += ["", _scored_note(summary)]
         if summary.get("answer_in_context") is not None:
             parts[-1] += (f" A gold answer occurs in the passages shown for "

@@ -36,7 +36,17 @@ from cacheblend.decode import SamplingParams
 from cacheblend.engine import Engine, GenerateRequest, GenerateResult
 from cacheblend.eval.datasets import TASK_METRIC, Example, LoadedDataset
 from cacheblend.eval.methods import MethodSpec, parse_method
-from cacheblend.eval.metrics import METRICS, answer_in_context, first_token_kl, top1_agreement
+from cacheblend.eval.metrics import (
+    METRICS,
+    answer_in_context,
+    bootstrap_interval,
+    first_token_kl,
+    mean_of,
+    percentile,
+    recovered_share,
+    top1_agreement,
+    worse_than,
+)
 from cacheblend.eval.prompts import PROMPTS, answer_text, build_segments, prompts_version
 from cacheblend.prompt import Segments
 
@@ -339,8 +349,46 @@ def summarize(rows: list[dict], labels: list[str], metric: str) -> dict[str, dic
         summary["n_decoded"] = len(scored)
         for key in (metric, f"{metric}_vs_full"):
             summary[key] = _mean([r.get(key) for r in scored])
+        vs_full = [r[f"{metric}_vs_full"] for r in scored if r.get(f"{metric}_vs_full") is not None]
+        summary[f"{metric}_vs_full_ci"] = bootstrap_interval(mean_of, vs_full)
         out[label] = summary
+    _against_reuse(rows, out)
     return out
+
+
+def _against_reuse(rows: list[dict], out: dict[str, dict]) -> None:
+    """Per method: KL p90, bootstrap 90% intervals of the mean KL and top-1 agreement, and,
+    against reuse in its best precompute mode (of the ``reuse`` methods evaluated, the one with
+    the lowest mean KL on this dataset), the share of its KL recovered (with an interval) and
+    the number of examples where the method's KL is above reuse's."""
+    by_method: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {})[row["example"]] = row
+    reuses = [label for label in out if by_method[label] and
+              next(iter(by_method[label].values())).get("base") == "reuse"]
+    reuses = [label for label in reuses if out[label]["kl_first_token"] is not None]
+    best = min(reuses, key=lambda label: out[label]["kl_first_token"]) if reuses else None
+    for label, summary in out.items():
+        mine = {e: r for e, r in by_method[label].items()
+                if r.get("kl_first_token") is not None}
+        kls = [r["kl_first_token"] for r in mine.values()]
+        summary["kl_p90"] = percentile(kls, 90) if kls else None
+        summary["kl_ci"] = bootstrap_interval(mean_of, kls)
+        summary["top1_ci"] = bootstrap_interval(mean_of, [r["top1_agreement"]
+                                                          for r in mine.values()])
+        summary["best_reuse"] = best
+        if best is None:
+            continue
+        common = [e for e in mine
+                  if by_method[best].get(e, {}).get("kl_first_token") is not None]
+        method_kl = [mine[e]["kl_first_token"] for e in common]
+        reuse_kl = [by_method[best][e]["kl_first_token"] for e in common]
+        if not common:
+            continue
+        summary["recovered"] = recovered_share(method_kl, reuse_kl)
+        summary["recovered_ci"] = bootstrap_interval(recovered_share, method_kl, reuse_kl)
+        summary["worse_than_reuse"] = worse_than(method_kl, reuse_kl)
+        summary["n_vs_reuse"] = len(common)
 
 
 def run_dataset(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, out_dir: Path,

@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cacheblend.blend.select import (
     Candidates,
+    ChunkBudgetSelector,
     FirstKSelector,
     HKVDSelector,
+    QueryAttentionSelector,
+    QueryDeviationSelector,
     UnionSelector,
     first_k_mask,
     kv_deviation,
+    make_selector,
+    suffix_attention,
 )
+from cacheblend.config import SELECTORS, BlendConfig
+from cacheblend.errors import ConfigError
 
 SPANS = [(10, 20), (20, 40)]
 
 
-def candidates(deviation):
+def candidates(deviation, attention=None):
     positions = torch.arange(10, 40)
-    return Candidates(positions, torch.tensor(deviation, dtype=torch.float32), SPANS, 30)
+    if attention is not None:
+        attention = torch.tensor(attention, dtype=torch.float32)
+    return Candidates(positions, torch.tensor(deviation, dtype=torch.float32), SPANS, 30,
+                      attention)
+
+
+def kept(mask):
+    return mask.nonzero().squeeze(1).tolist()
 
 
 def test_hkvd_keeps_the_top_ratio_by_deviation():
@@ -57,3 +72,175 @@ def test_deviation_measures():
     assert kv_deviation(k2, k, v2, v, "v").argmax().item() == 3
     both = kv_deviation(k2, k, v2, v, "kv")
     assert both[1] > 0 and both[3] > 0 and both[0] == 0
+
+
+def test_query_attention_keeps_what_the_question_reads():
+    attention = [0.01] * 30
+    attention[3], attention[20] = 0.5, 0.3
+    deviation = [0.0] * 30
+    deviation[7] = 9.0  # HKVD's pick, ignored by the question
+    keep = QueryAttentionSelector(2 / 30).keep(candidates(deviation, attention))
+    assert kept(keep) == [3, 20]
+    assert kept(HKVDSelector(1 / 30).keep(candidates(deviation, attention))) == [7]
+
+
+def test_query_deviation_weighs_deviation_by_attention():
+    deviation = [1.0] * 30
+    deviation[4], deviation[25] = 10.0, 10.0
+    attention = [0.02] * 30
+    attention[25] = 0.2  # both deviate as much; the question reads token 25
+    attention[12] = 0.3  # read, but its cached KV is nearly right
+    deviation[12] = 0.1
+    keep = QueryDeviationSelector(1 / 30).keep(candidates(deviation, attention))
+    assert kept(keep) == [25]
+
+
+def test_chunk_budget_follows_attention_mass():
+    # chunk 1 = candidates 0..9, chunk 2 = 10..29; the question reads chunk 2 three times more
+    attention = [0.025] * 10 + [0.0375] * 20  # masses 0.25 and 0.75
+    deviation = list(range(30, 0, -1))  # HKVD alone would take chunk 1's tokens first
+    keep = ChunkBudgetSelector(8 / 30).keep(candidates(deviation, attention))
+    assert keep.sum() == 8
+    assert kept(keep) == [0, 1, 10, 11, 12, 13, 14, 15]  # 2 : 6, each by deviation
+
+
+def test_every_selector_is_compute_matched_at_a_fixed_budget():
+    torch.manual_seed(0)
+    deviation, attention = torch.rand(30).tolist(), torch.softmax(torch.randn(30), 0).tolist()
+    for name in SELECTORS:
+        for ratio in (0.0, 0.05, 0.15, 0.3, 1.0):
+            keep = make_selector(name, ratio).keep(candidates(deviation, attention))
+            assert keep.sum() == min(30, -(-ratio * 30 // 1)), (name, ratio)
+
+
+def test_adaptive_coverage_keeps_the_smallest_set_holding_the_mass_capped():
+    attention = [0.0] * 30
+    attention[0], attention[1], attention[2] = 0.6, 0.3, 0.1  # an easy prompt
+    keep = QueryAttentionSelector(0.5, coverage=0.85).keep(candidates([1.0] * 30, attention))
+    assert kept(keep) == [0, 1]  # 0.6 + 0.3 >= 0.85
+    flat = [1 / 30] * 30  # a hard one: the cap binds
+    keep = QueryAttentionSelector(0.2, coverage=0.99).keep(candidates([1.0] * 30, flat))
+    assert keep.sum() == 6
+    deviation = [3.0, 2.0] + [1.0] * 28  # scores (dev x attention) 1.8, 0.6, 0.1, 0, ...
+    keep = ChunkBudgetSelector(0.5, coverage=0.85).keep(candidates(deviation, attention))
+    assert kept(keep) == [0, 1]
+
+
+def test_selectors_needing_attention_say_so():
+    assert not HKVDSelector(0.1).needs_attention
+    assert QueryAttentionSelector(0.1).needs_attention
+    assert UnionSelector(FirstKSelector(2), QueryDeviationSelector(0.1)).needs_attention
+    keep = make_selector("qa", 1 / 30, first_k=1).keep(candidates([0.0] * 30, [0.0] * 29 + [1.0]))
+    assert kept(keep) == [0, 10, 29]
+
+
+def test_suffix_attention_is_causal_and_sums_to_one():
+    torch.manual_seed(0)
+    q, keys = torch.randn(4, 2, 8), torch.randn(2, 6, 8)  # 4 query heads on 2 KV heads
+    mass = suffix_attention(q, torch.tensor([3, 5]), keys, torch.arange(6))
+    assert mass.shape == (6,) and abs(float(mass.sum()) - 1.0) < 1e-5
+    only_first = suffix_attention(q[:, :1], torch.tensor([3]), keys, torch.arange(6))
+    assert only_first[4:].abs().max() == 0  # keys after the query are unseen
+
+
+def test_blend_config_validates_selector_and_coverage():
+    assert BlendConfig(selector="qkvd", coverage=0.9).selector == "qkvd"
+    with pytest.raises(ConfigError):
+        BlendConfig(selector="nope")
+    with pytest.raises(ConfigError):
+        BlendConfig(coverage=1.0)
+
+
+DOCS = [
+    "The Greywater Lighthouse was designed by Miriam Osk and completed in 1798. " * 3,
+    "Miriam Osk was born in 1761 in the mountain village of Tarn Hollow. " * 3,
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [s for s in SELECTORS if s != "hkvd"])
+def test_blend_with_every_token_selected_equals_full_prefill(engine_factory, name):
+    from cacheblend.engine import GenerateRequest
+
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(DOCS, progress=False)
+    question = "Where was the designer of the lighthouse born?"
+    full_kv, full_logits, _ = engine.prefill(GenerateRequest(question=question, documents=DOCS,
+                                                             method="full"))
+    blend = BlendConfig(selector=name, check_layers=(1, 2), check_ratios=(1.0, 1.0))
+    blend_kv, blend_logits, stats = engine.prefill(GenerateRequest(
+        question=question, documents=DOCS, method="blend", blend=blend))
+    assert stats.recomputed_tokens == stats.chunk_tokens
+    assert (blend_logits - full_logits).abs().max().item() <= 1e-4
+    n = full_kv.length
+    assert (blend_kv.keys[:, :, :n] - full_kv.keys[:, :, :n]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SELECTORS)
+def test_each_selector_recomputes_its_ratio_in_a_real_prefill(engine_factory, name):
+    from cacheblend.engine import GenerateRequest
+
+    engine = engine_factory()
+    engine.ingest(DOCS, progress=False)
+    request = GenerateRequest(question="Who designed it?", documents=DOCS, method="blend",
+                              blend=BlendConfig(selector=name, check_ratios=(0.2,)))
+    stats = engine.prefill(request)[2]
+    assert stats.recomputed_tokens == -(-stats.chunk_tokens * 2 // 10)
+
+
+def test_probe_cost_comes_out_of_the_budget():
+    from cacheblend.blend.planner import Planner
+
+    planner = Planner(None, None, num_layers=30)
+    blend = BlendConfig(check_layers=(1,))
+    # 36 suffix tokens x 30 probed layers against 1920 chunk tokens x 28 layers after the check
+    assert planner._probe_cost(30, 36, 1920, blend) == pytest.approx(36 * 30 / (1920 * 28))
+    assert planner._probe_cost(99, 36, 1920, blend) == planner._probe_cost(30, 36, 1920, blend)
+
+
+@pytest.mark.slow
+def test_blend_after_a_probe_equals_full_prefill_when_every_token_is_kept(engine_factory):
+    """The probe writes suffix rows and loads cached ones; the blend pass after it must still
+    give exactly a full prefill when it recomputes every token."""
+    from dataclasses import replace
+
+    from cacheblend.engine import GenerateRequest
+    from cacheblend.kv import RequestKV
+    from cacheblend.request import RequestSettings
+
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(DOCS, progress=False)
+    question = "Where was the designer of the lighthouse born?"
+    full_kv, full_logits, _ = engine.prefill(GenerateRequest(question=question, documents=DOCS,
+                                                             method="full"))
+    request = GenerateRequest(question=question, documents=DOCS, method="blend")
+    segments = engine.segments_for(request)
+    settings = RequestSettings.resolve(request, BlendConfig(selector="qa"), "bulk")
+    plan = engine.planner.plan(segments, settings).plan
+    plan = replace(plan, probe_layers=30, checks=[(1, QueryAttentionSelector(1.0))])
+    runner = engine.runner
+    kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, full_kv.length)
+    result = engine.fusor.run(plan, kv)
+    assert (result.logits - full_logits).abs().max().item() <= 1e-4
+    n = full_kv.length
+    assert (kv.keys[:, :, :n] - full_kv.keys[:, :, :n]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_probe_too_dear_for_the_budget_falls_back_to_hkvd(engine_factory):
+    from cacheblend.engine import GenerateRequest
+    from cacheblend.request import RequestSettings
+
+    engine = engine_factory()
+    engine.ingest(DOCS, progress=False)
+    long_question = "Where was the designer of the lighthouse born, and when? " * 8
+    for question, probed in (("Who?", True), (long_question, False)):
+        request = GenerateRequest(question=question, documents=DOCS, method="blend")
+        settings = RequestSettings.resolve(
+            request, BlendConfig(selector="qa", probe_layers=30, check_ratios=(0.3,)), "bulk")
+        planned = engine.planner.plan(engine.segments_for(request), settings)
+        selector = planned.plan.checks[0][1]
+        assert (planned.plan.probe_layers == 30) is probed
+        assert isinstance(selector, QueryAttentionSelector if probed else HKVDSelector)
+        assert (planned.ratio < 0.3) is probed  # the probe's cost comes out of the ratio

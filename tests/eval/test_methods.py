@@ -78,3 +78,17 @@ def test_errors(text):
 def test_empty_list_is_an_error():
     with pytest.raises(MethodSpecError):
         parse_methods(" , ")
+
+
+def test_selectors_coverage_and_probe():
+    from cacheblend.config import BlendConfig
+
+    spec = parse_method("blend[qkvd]~0.9+probe30@0.15:L2")
+    assert spec.label == "blend[qkvd]~0.9+probe30@0.15:L2"
+    config = spec.blend_config(BlendConfig())
+    assert (config.selector, config.coverage, config.probe_layers) == ("qkvd", 0.9, 30)
+    assert config.check_layers == (2,) and config.ratio == 0.15
+    assert parse_method("blend[qa]@0.05/prefix").label == "blend[qa]@0.05/prefix"
+    for bad in ("blend[nope]", "blend~1.5", "reuse[qa]", "epic[qa]", "blend[qa][qkvd]"):
+        with pytest.raises(MethodSpecError):
+            parse_method(bad)

@@ -88,3 +88,50 @@ def test_answer_in_context_matches_whole_normalised_words():
     assert answer_in_context(["nowhere", "The Exeter College"], docs)  # any gold; articles go
     assert not answer_in_context(["Exeter Col"], docs)  # not a word boundary
     assert not answer_in_context(["", "Cambridge"], docs)
+
+
+def test_recovered_share_and_worse_than_reuse_on_hand_made_rows():
+    from cacheblend.eval.metrics import recovered_share, worse_than
+
+    reuse = [0.4, 0.2, 0.2, 0.2]  # mean 0.25
+    method = [0.1, 0.1, 0.3, 0.0]  # mean 0.125: half of reuse's KL removed
+    assert recovered_share(method, reuse) == pytest.approx(0.5)
+    assert recovered_share(reuse, reuse) == pytest.approx(0.0)
+    assert recovered_share([0.0] * 4, reuse) == pytest.approx(1.0)
+    assert recovered_share([0.5] * 4, reuse) == pytest.approx(-1.0)  # worse than reuse
+    assert math.isnan(recovered_share([0.1], [0.0]))
+    assert worse_than(method, reuse) == 1  # only the third example
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    from cacheblend.eval.metrics import bootstrap_interval, mean_of, recovered_share
+
+    values = [0.0, 1.0] * 25
+    low, high = bootstrap_interval(mean_of, values)
+    assert low < 0.5 < high and 0.35 < low and high < 0.65  # sd of the mean ~0.07
+    assert bootstrap_interval(mean_of, values) == (low, high)  # fixed seed
+    assert bootstrap_interval(mean_of, [0.3] * 10) == pytest.approx((0.3, 0.3))
+    assert bootstrap_interval(mean_of, []) is None
+    # paired: the share's interval resamples examples, keeping each method's pair together
+    method, reuse = [0.1, 0.2, 0.1, 0.2], [0.2, 0.4, 0.2, 0.4]
+    assert bootstrap_interval(recovered_share, method, reuse) == pytest.approx((0.5, 0.5))
+
+
+def test_summary_against_best_reuse_on_hand_made_rows():
+    from cacheblend.eval.runner import summarize
+
+    def row(example, method, base, kl, top1=1.0):
+        return {"example": example, "method": method, "base": base, "kl_first_token": kl,
+                "top1_agreement": top1, "ttft_s": 1.0}
+
+    rows = [row("a", "reuse", "reuse", 0.2), row("b", "reuse", "reuse", 0.4),
+            row("a", "reuse/prefix", "reuse", 0.5), row("b", "reuse/prefix", "reuse", 0.5),
+            row("a", "blend", "blend", 0.25), row("b", "blend", "blend", 0.05, 0.0)]
+    out = summarize(rows, ["reuse", "reuse/prefix", "blend"], "f1")
+    blend = out["blend"]
+    assert blend["best_reuse"] == "reuse"  # the better mode, not the one blend uses
+    assert blend["recovered"] == pytest.approx(1 - 0.15 / 0.3)
+    assert blend["worse_than_reuse"] == 1 and blend["n_vs_reuse"] == 2
+    assert blend["kl_p90"] == pytest.approx(0.23)
+    assert out["reuse/prefix"]["recovered"] < 0
+    assert blend["top1_ci"][0] <= 0.5 <= blend["top1_ci"][1]

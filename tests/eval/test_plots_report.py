@@ -59,7 +59,26 @@ def test_overview_averages_datasets_alike():
     del two["methods"]["reuse"]["ttft_s"]
     table = overview_table([one, two])
     # blend: KL (0.05 + 0.1) / 2; share of reuse's (0.25 + 0.5) / 2; speed-up (3 + 6) / 2
-    assert "| `blend` | 0.0750 | 0.38x | 1.00 | 0.500 | 4.50x | 10.0% |" in table
-    assert "| `reuse` | 0.2000 | 1.00x | 1.00 | 0.300 | 6.00x | 10.0% |" in table
+    assert "| `blend` | 0.0750 | 0.38x | - | - | 1.00 | 0.500 | 4.50x | 10.0% |" in table
+    assert "| `reuse` | 0.2000 | 1.00x | - | - | 1.00 | 0.300 | 6.00x | 10.0% |" in table
+    for data, share, worse in ((one, 0.8, 1), (two, 0.6, 2)):
+        data["methods"]["blend"].update(recovered=share, worse_than_reuse=worse, n_vs_reuse=50)
+    # recovered: mean over datasets (and the worst one); worse-than-reuse: summed
+    assert "| `blend` | 0.0750 | 0.38x | 70% (60%) | 3/100 |" in overview_table([one, two])
     two["methods"].pop("reuse")
     assert "`reuse`" not in overview_table([one, two])  # only methods every dataset ran
+
+
+def test_selection_table_reports_recovery_against_best_reuse():
+    from cacheblend.eval.report import selection_table
+
+    data = summary()
+    for label, share in (("reuse", 0.0), ("blend", 0.75)):
+        data["methods"][label].update(best_reuse="reuse", recovered=share,
+                                      recovered_ci=(share - 0.1, share + 0.1),
+                                      worse_than_reuse=1, n_vs_reuse=2, kl_p90=0.3,
+                                      kl_ci=(0.01, 0.1), top1_ci=(1.0, 1.0))
+    text = selection_table(data)
+    assert "best precompute mode here: `reuse`" in text
+    assert "| 75% [65, 85] | 1/2 |" in text
+    assert "| 3.00x |" in text  # full's TTFT over blend's

@@ -1,0 +1,49 @@
+"""The probe: a cheap pass of the suffix (the question) over the cached KV, before blending.
+
+Like ``reuse``, only the suffix is computed, against the cached chunk rows as they are, for the
+first ``layers`` layers; at each the suffix's attention mass on every prompt position is kept,
+and their mean over the probed layers tells a query-aware selector which chunk tokens the
+question reads (ProphetKV's first stage). It costs the suffix's tokens x ``layers`` token-layers;
+the planner takes that out of the recompute budget, so a probed blend is compute-matched with an
+unprobed one at the same ratio. The suffix rows it writes are overwritten by the blend pass,
+which computes the suffix at every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cacheblend.blend.loader import LayerLoader
+from cacheblend.blend.select import suffix_attention
+from cacheblend.kv import RequestKV
+from cacheblend.model.runner import ModelRunner
+
+
+def suffix_positions(active: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """The active positions after the last chunk: the suffix, a contiguous tail."""
+    end = max((e for _, e in spans), default=0)
+    return active[active >= end]
+
+
+def probe_attention(runner: ModelRunner, ids: torch.Tensor, suffix: torch.Tensor, kv: RequestKV,
+                    loader: LayerLoader, layers: int) -> torch.Tensor:
+    """(T,) the suffix's attention mass on every position, averaged over its queries, heads and
+    the first ``layers`` layers, with every other row taken from the cache (T = ids' length)."""
+    total = ids.shape[0]
+    layers = min(layers, runner.num_layers)
+    suffix = suffix.to(kv.keys.device)
+    key_positions = torch.arange(total, device=kv.keys.device)
+    hidden = runner.embed(ids.to(kv.keys.device)[suffix])  # (s, D)
+    mass = torch.zeros(total, device=kv.keys.device)
+    for index in range(layers):
+        loader.load(index, runner.num_layers)
+        q, k, v = runner.project_qkv(index, hidden)
+        layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
+        layer_keys[:, suffix] = runner.rope.apply(k, suffix)
+        layer_values[:, suffix] = v
+        q = runner.rope.apply(q, suffix)
+        mass += suffix_attention(q, suffix, layer_keys, key_positions)
+        if index + 1 < layers:  # the last probed layer's output is not needed
+            hidden = runner.finish_layer(index, hidden, runner.attend_tail(q, layer_keys,
+                                                                           layer_values))
+    return mass / max(1, layers)
