@@ -394,51 +394,34 @@ def _bytes_to_unicode() -> dict[int, str]:
 def chat_response(
     outcomes: list[Outcome], model: str, response_id: str, texts: TokenText | None
 ) -> dict:
-    choices = []
-    for index, outcome in enumerate(outcomes):
-        result = outcome.result
-        logprobs = None
-        if texts is not None and result.logprobs is not None:
-            logprobs = texts.chat(output_logprobs(result))
-        choices.append(
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason,
-                "logprobs": logprobs,
-            }
-        )
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": now(),
-        "model": model,
-        "choices": choices,
-        "usage": usage(outcomes),
-        "cacheblend": all_stats(outcomes),
-    }
+    return _response(outcomes, model, response_id, texts, chat=True)
 
 
 def completion_response(
     outcomes: list[Outcome], model: str, response_id: str, texts: TokenText | None
 ) -> dict:
+    return _response(outcomes, model, response_id, texts, chat=False)
+
+
+def _response(outcomes: list[Outcome], model: str, response_id: str, texts: TokenText | None,
+              chat: bool) -> dict:
+    """A whole (non-streamed) chat.completion or text_completion body."""
     choices = []
     for index, outcome in enumerate(outcomes):
         result = outcome.result
         logprobs = None
         if texts is not None and result.logprobs is not None:
-            logprobs = texts.completion(output_logprobs(result))
-        choices.append(
-            {
-                "index": index,
-                "text": result.text,
-                "finish_reason": result.finish_reason,
-                "logprobs": logprobs,
-            }
-        )
+            entries = output_logprobs(result)
+            logprobs = texts.chat(entries) if chat else texts.completion(entries)
+        choice = {"index": index, "finish_reason": result.finish_reason, "logprobs": logprobs}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": result.text}
+        else:
+            choice["text"] = result.text
+        choices.append(choice)
     return {
         "id": response_id,
-        "object": "text_completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": now(),
         "model": model,
         "choices": choices,
