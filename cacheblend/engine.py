@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cacheblend.blend.chunks import ChunkCache
 from cacheblend.blend.controller import LoadingController
-from cacheblend.blend.fusor import Fusor
+from cacheblend.blend.fusor import Fusor, run_to_end
 from cacheblend.blend.planner import Planner
 from cacheblend.config import BlendConfig, EngineConfig
 from cacheblend.decode import Sampler, StopChecker, decode_step
@@ -149,11 +149,7 @@ class Engine:
         with tqdm(total=len(documents), desc="ingest", unit="doc", disable=not progress) as bar:
             slices = self.ingest_slices(documents, blend, on_document=bar.update)
             with self.lock, torch.inference_mode():
-                while True:
-                    try:
-                        next(slices)
-                    except StopIteration as done:
-                        return done.value
+                return run_to_end(slices)
 
     def ingest_slices(self, documents: list[str], blend: BlendConfig | None = None,
                       on_document: Callable[[int], Any] | None = None):
@@ -429,12 +425,7 @@ class Engine:
         with self.lock, torch.inference_mode():
             if not self.prefiller.start(seq, chunked=False):
                 raise seq.outbox[-1][1]
-            while True:
-                try:
-                    next(seq.prefill)
-                except StopIteration as done:
-                    logits = done.value
-                    break
+            logits = run_to_end(seq.prefill)
             if seq.store_writes is not None:
                 seq.store_writes()
         return seq.kv, logits, seq.stats

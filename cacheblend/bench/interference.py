@@ -32,22 +32,15 @@ from cacheblend.server.settings import ServerSettings
 UNBOUNDED = 1 << 30  # prefill_step_tokens that never splits a prefill
 
 
-def _gaps(results: list[dict], start: float, end: float) -> list[float]:
-    """ITL gaps of the streams that overlap [start, end] (a gap stalled by a prefill ends after
-    the prefill's own first token: it counts)."""
+def _gaps(results: list[dict], start: float, end: float, overlapping: bool) -> list[float]:
+    """ITL gaps of the streams inside [start, end], or with ``overlapping`` every gap that
+    overlaps it (a gap stalled by a prefill ends after the prefill's own first token: it
+    counts)."""
     gaps = []
     for result in results:
-        arrivals = result.get("arrivals", [])
-        gaps += [b - a for a, b in itertools.pairwise(arrivals) if b >= start and a <= end]
-    return gaps
-
-
-def _gaps_within(results: list[dict], start: float, end: float) -> list[float]:
-    """ITL gaps lying wholly inside [start, end]."""
-    gaps = []
-    for result in results:
-        arrivals = result.get("arrivals", [])
-        gaps += [b - a for a, b in itertools.pairwise(arrivals) if a >= start and b <= end]
+        for a, b in itertools.pairwise(result.get("arrivals", [])):
+            if (b >= start and a <= end) if overlapping else (a >= start and b <= end):
+                gaps.append(b - a)
     return gaps
 
 
@@ -73,8 +66,8 @@ def bench_stall(config: EngineConfig | None = None, *, streams: int = 3,
             round_out = asyncio.run(_recording_round(server.url, model, streams, long_text,
                                                      window, arrivals))
         results = [{"arrivals": a} for a in arrivals]
-        alone = _gaps_within(results, round_out["alone_start"], round_out["sent"])
-        during = _gaps(results, round_out["sent"], round_out["first_token"])
+        alone = _gaps(results, round_out["alone_start"], round_out["sent"], overlapping=False)
+        during = _gaps(results, round_out["sent"], round_out["first_token"], overlapping=True)
         out["results"][name] = {
             "itl_alone": _summary(alone),
             "itl_during_prefill": _summary(during),

@@ -11,7 +11,7 @@ from collections.abc import Generator
 
 import torch
 
-from cacheblend.blend.fusor import FusionPlan, Fusor
+from cacheblend.blend.fusor import FusionPlan, Fusor, run_to_end
 from cacheblend.blend.loader import CachedSpan
 from cacheblend.config import BlendConfig
 from cacheblend.kv import RequestKV
@@ -80,7 +80,7 @@ class ChunkCache:
         return result.captured
 
     def _prefill(self, ids: tuple[int, ...]) -> LayerKV:
-        return _drain(self._prefill_steps(ids))
+        return run_to_end(self._prefill_steps(ids))
 
     def precompute_steps(self, preamble: tuple[int, ...], chunk: tuple[int, ...],
                          blend: BlendConfig) -> Generator[int, None, ChunkKV]:
@@ -96,7 +96,7 @@ class ChunkCache:
     def precompute(self, preamble: tuple[int, ...], chunk: tuple[int, ...],
                    blend: BlendConfig) -> ChunkKV:
         """As ``precompute_steps``, at once."""
-        return _drain(self.precompute_steps(preamble, chunk, blend))
+        return run_to_end(self.precompute_steps(preamble, chunk, blend))
 
     def compute_prefix(self, prefix: tuple[int, ...]) -> ChunkKV:
         """Compute and store the exact KV of the prefix at position 0."""
@@ -132,12 +132,3 @@ class ChunkCache:
             spans.append(CachedSpan(len(before), entry))
             before = before + piece
         return spans
-
-
-def _drain(steps: Generator):
-    """Run a generator to its end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value

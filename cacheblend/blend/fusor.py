@@ -132,6 +132,16 @@ class _Pass:
         return self.positions.shape[0]
 
 
+def run_to_end(steps: Generator):
+    """Advance a generator (the layer loop, or anything built on it) to its end; its return
+    value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Ascending indices of the ``count`` True entries of ``mask`` (n,), without reading the
     mask on the host (``mask.nonzero()`` would): a stable sort puts them first, in order."""
@@ -145,12 +155,7 @@ class Fusor:
 
     def run(self, plan: FusionPlan, kv: RequestKV, loading: str = "bulk") -> FusionResult:
         """Run every layer of ``plan``; ``loading`` is one of cacheblend.config.LOADING_MODES."""
-        layers = self.layers(plan, kv, loading)
-        while True:
-            try:
-                next(layers)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(self.layers(plan, kv, loading))
 
     @torch.inference_mode()
     def layers(self, plan: FusionPlan, kv: RequestKV, loading: str = "bulk"
