@@ -265,7 +265,7 @@ class Fusor:
             deviation = kv_deviation(
                 fresh_k[:, chunk_index], layer_keys[:, chunk_positions],
                 fresh_v[:, chunk_index], layer_values[:, chunk_positions], plan.deviation,
-            )
+            ) if selector.needs_deviation else None
             attention = None
             if selector.needs_attention and state.probed is not None:
                 attention = state.probed[chunk_positions]

@@ -28,6 +28,7 @@ from cacheblend.blend.controller import LoadingController
 from cacheblend.blend.fusor import FusionPlan
 from cacheblend.blend.loader import CachedSpan
 from cacheblend.blend.select import first_k_mask, make_selector
+from cacheblend.config import BlendConfig
 from cacheblend.prompt import Segments
 from cacheblend.request import RequestSettings
 
@@ -50,6 +51,16 @@ class PlannedPrefill:
     method: str  # what runs (the controller may fall back to "full")
     ratio: float | None  # the blend ratio that runs
     lookup: Lookup
+
+
+def hkvd_fallback(blend: BlendConfig) -> BlendConfig:
+    """HKVD in place of a query-aware selector whose probe is too dear: at layer 0 a cached
+    row's deviation is nothing but rounding (K/V there depend on the token alone), so a check
+    there moves to layer 1."""
+    layers = tuple(dict.fromkeys(max(1, layer) for layer in blend.check_layers))
+    ratios = blend.check_ratios[len(blend.check_layers) - len(layers):]
+    return replace(blend, probe_layers=0, selector="hkvd", check_layers=layers,
+                   check_ratios=ratios)
 
 
 class Planner:
@@ -91,7 +102,7 @@ class Planner:
             # dialogue) is skipped and HKVD selects: the question's attention at an early check
             # layer alone ranked worse than deviation (docs/results.md, selection).
             blend = (blend.with_ratio(blend.ratio - cost) if cost <= blend.ratio / 2
-                     else replace(blend, probe_layers=0, selector="hkvd"))
+                     else hkvd_fallback(blend))
             for layer, layer_ratio in zip(blend.check_layers, blend.check_ratios):
                 selector = make_selector(blend.selector, layer_ratio, blend.coverage,
                                          blend.first_k)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from cacheblend.blend.loader import LayerLoader
-from cacheblend.blend.select import suffix_attention
+from cacheblend.blend.select import suffix_probs
 from cacheblend.kv import RequestKV
 from cacheblend.model.runner import ModelRunner
 
@@ -41,9 +41,11 @@ def probe_attention(runner: ModelRunner, ids: torch.Tensor, suffix: torch.Tensor
         layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
         layer_keys[:, suffix] = runner.rope.apply(k, suffix)
         layer_values[:, suffix] = v
-        q = runner.rope.apply(q, suffix)
-        mass += suffix_attention(q, suffix, layer_keys, key_positions)
+        probs = suffix_probs(runner.rope.apply(q, suffix), suffix, layer_keys, key_positions)
+        mass += probs.mean(dim=(0, 1, 2))
         if index + 1 < layers:  # the last probed layer's output is not needed
-            hidden = runner.finish_layer(index, hidden, runner.attend_tail(q, layer_keys,
-                                                                           layer_values))
+            # The weights that gave the mass also give the attention output: one softmax.
+            kv_heads, group, s, _ = probs.shape
+            attn = probs.to(layer_values.dtype).view(kv_heads, group * s, total) @ layer_values
+            hidden = runner.finish_layer(index, hidden, attn.view(kv_heads * group, s, -1))
     return mass / max(1, layers)

@@ -34,8 +34,8 @@ from cacheblend.config import SELECTORS
 class Candidates:
     """The chunk tokens still computed at a check layer.
 
-    positions: (n,) prompt positions, sorted; deviation: (n,) KV deviation (None before any
-    layer ran); chunk_spans: (start, end) of every chunk; num_chunk_tokens: all chunk tokens;
+    positions: (n,) prompt positions, sorted; deviation: (n,) KV deviation (None unless the
+    selector needs it); chunk_spans: (start, end) of every chunk; num_chunk_tokens: all chunk tokens;
     attention: (n,) the suffix's attention mass on each candidate at the check layer (mean
     over the suffix's queries and heads; None unless the selector needs it).
     """
@@ -49,6 +49,7 @@ class Candidates:
 
 class Selector(ABC):
     needs_attention = False  # the fusor computes Candidates.attention only when asked
+    needs_deviation = True  # ... and Candidates.deviation only when asked
 
     @abstractmethod
     def keep(self, candidates: Candidates) -> torch.Tensor:
@@ -75,20 +76,26 @@ def kv_deviation(fresh_k, cached_k, fresh_v, cached_v, on: str) -> torch.Tensor:
     return dev_k / dev_k.mean().clamp_min(1e-12) + dev_v / dev_v.mean().clamp_min(1e-12)
 
 
+def suffix_probs(q: torch.Tensor, q_positions: torch.Tensor, keys: torch.Tensor,
+                 key_positions: torch.Tensor) -> torch.Tensor:
+    """The queries' attention weights, fp32: q (H, s, hd) after RoPE at q_positions (s,); keys
+    (KV, T, hd) after RoPE at key_positions (T,) -> (KV, H/KV, s, T), each row summing to 1.
+    Causal: a query at p sees keys at positions <= p. GQA: query head h reads KV head
+    h // (H/KV), so the queries are grouped by KV head and the keys are never repeated."""
+    heads, s, head_dim = q.shape
+    kv_heads, total = keys.shape[0], keys.shape[1]
+    grouped = q.reshape(kv_heads, heads // kv_heads * s, head_dim)
+    scores = (grouped @ keys.transpose(1, 2)).view(kv_heads, heads // kv_heads, s, total)
+    visible = key_positions[None, :] <= q_positions[:, None]  # (s, T)
+    scores = scores.float().mul_(head_dim**-0.5).masked_fill_(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
 def suffix_attention(q: torch.Tensor, q_positions: torch.Tensor, keys: torch.Tensor,
                      key_positions: torch.Tensor) -> torch.Tensor:
-    """Attention mass of the queries on every key, averaged over queries and heads.
-
-    q (H, s, hd) after RoPE at q_positions (s,); keys (KV, T, hd) after RoPE at key_positions
-    (T,) -> (T,) (the softmax rows each sum to 1, so the result sums to 1). Causal: a query at
-    p sees keys at positions <= p. GQA: query heads share their KV head.
-    """
-    heads, _, head_dim = q.shape
-    keys = keys.repeat_interleave(heads // keys.shape[0], dim=0)  # (H, T, hd)
-    scores = q @ keys.transpose(1, 2) * head_dim**-0.5  # (H, s, T)
-    visible = key_positions[None, :] <= q_positions[:, None]  # (s, T)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).mean(dim=(0, 1))  # (T,)
+    """Attention mass of the queries on every key, averaged over queries and heads: (T,),
+    summing to 1 (see ``suffix_probs`` for the shapes)."""
+    return suffix_probs(q, q_positions, keys, key_positions).mean(dim=(0, 1, 2))
 
 
 def fixed_budget(ratio: float, candidates: Candidates) -> int:
@@ -152,6 +159,7 @@ class QueryAttentionSelector(RankedSelector):
     """Keep the chunk tokens the question attends to most at the check layer ("qa")."""
 
     needs_attention = True
+    needs_deviation = False
 
     def score(self, candidates: Candidates) -> torch.Tensor:
         assert candidates.attention is not None, "query attention not computed"
@@ -207,6 +215,8 @@ class ChunkBudgetSelector(RankedSelector):
 class FirstKSelector(Selector):
     """Keep the first k tokens of every chunk (EPIC / LegoLink: they absorb the sink effect)."""
 
+    needs_deviation = False
+
     def __init__(self, k: int) -> None:
         self.k = k
 
@@ -226,6 +236,7 @@ class UnionSelector(Selector):
     def __init__(self, *members: Selector) -> None:
         self.members = members
         self.needs_attention = any(m.needs_attention for m in members)
+        self.needs_deviation = any(m.needs_deviation for m in members)
 
     def keep(self, candidates: Candidates) -> torch.Tensor:
         mask = torch.zeros(candidates.positions.shape[0], dtype=torch.bool,

@@ -17,6 +17,7 @@ from cacheblend.blend.select import (
     kv_deviation,
     make_selector,
     suffix_attention,
+    suffix_probs,
 )
 from cacheblend.config import SELECTORS, BlendConfig
 from cacheblend.errors import ConfigError
@@ -199,6 +200,18 @@ def test_probe_cost_comes_out_of_the_budget():
     assert planner._probe_cost(99, 36, 1920, blend) == planner._probe_cost(30, 36, 1920, blend)
 
 
+def test_the_hkvd_fallback_never_checks_at_layer_0():
+    from cacheblend.blend.planner import hkvd_fallback
+
+    probed = BlendConfig(selector="qa", probe_layers=30, check_layers=(0,), check_ratios=(0.15,))
+    assert hkvd_fallback(probed) == BlendConfig(check_layers=(1,), check_ratios=(0.15,))
+    two = BlendConfig(selector="qa", probe_layers=8, check_layers=(0, 1, 4),
+                      check_ratios=(0.3, 0.2, 0.1))
+    fallback = hkvd_fallback(two)
+    assert (fallback.selector, fallback.probe_layers) == ("hkvd", 0)
+    assert (fallback.check_layers, fallback.check_ratios) == ((1, 4), (0.2, 0.1))
+
+
 @pytest.mark.slow
 def test_blend_after_a_probe_equals_full_prefill_when_every_token_is_kept(engine_factory):
     """The probe writes suffix rows and loads cached ones; the blend pass after it must still
@@ -244,3 +257,46 @@ def test_a_probe_too_dear_for_the_budget_falls_back_to_hkvd(engine_factory):
         assert (planned.plan.probe_layers == 30) is probed
         assert isinstance(selector, QueryAttentionSelector if probed else HKVDSelector)
         assert (planned.ratio < 0.3) is probed  # the probe's cost comes out of the ratio
+
+
+def test_suffix_probs_groups_query_heads_by_their_kv_head():
+    """GQA without repeating the keys: the same weights as a per-head softmax against the
+    repeated keys (query head h reads KV head h // 2 here)."""
+    torch.manual_seed(0)
+    q, keys = torch.randn(4, 3, 8), torch.randn(2, 7, 8)
+    q_positions, key_positions = torch.tensor([4, 5, 6]), torch.arange(7)
+    probs = suffix_probs(q, q_positions, keys, key_positions)  # (2, 2, 3, 7)
+    repeated = keys.repeat_interleave(2, dim=0)
+    scores = (q @ repeated.transpose(1, 2)) * 8**-0.5
+    scores = scores.masked_fill(key_positions[None, :] > q_positions[:, None], float("-inf"))
+    assert torch.allclose(probs.reshape(4, 3, 7), torch.softmax(scores, dim=-1), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_probe_computes_the_suffix_exactly_as_reuse_does(engine_factory):
+    """The probe is reuse's pass of the suffix over the cached rows: through every layer, the
+    suffix K/V it writes equal those of a ``reuse`` prefill (its one softmax gives both the
+    attention output and the mass it ranks by)."""
+    from cacheblend.blend.loader import LayerLoader
+    from cacheblend.blend.probe import probe_attention, suffix_positions
+    from cacheblend.engine import GenerateRequest
+    from cacheblend.kv import RequestKV
+    from cacheblend.request import RequestSettings
+
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(DOCS, progress=False)
+    request = GenerateRequest(question="Where was the designer born?", documents=DOCS,
+                              method="reuse")
+    reuse_kv, _, _ = engine.prefill(request)
+    settings = RequestSettings.resolve(request, BlendConfig(), "bulk")
+    plan = engine.planner.plan(engine.segments_for(request), settings).plan
+    runner, n = engine.runner, reuse_kv.length
+    kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, n)
+    loader = LayerLoader(plan.cached, runner.rope, kv)
+    suffix = suffix_positions(plan.active, plan.chunk_spans)
+    mass = probe_attention(runner, plan.ids, suffix, kv, loader, runner.num_layers)
+    loader.close()
+    assert abs(float(mass.sum()) - 1.0) < 1e-4
+    rows = slice(int(suffix[0]), n)
+    assert (kv.keys[:, :, rows] - reuse_kv.keys[:, :, rows]).abs().max().item() <= 1e-4
+    assert (kv.values[:, :, rows] - reuse_kv.values[:, :, rows]).abs().max().item() <= 1e-4
