@@ -125,7 +125,7 @@ class _Pass:
     captured: list | None
     active_per_layer: list[int] = field(default_factory=list)
     computed: torch.Tensor | None = None
-    probed: torch.Tensor | None = None  # (T,) the suffix's attention from a probe pass
+    probed: torch.Tensor | None = None  # (T,) the last position's attention from a probe
 
     @property
     def n(self) -> int:
@@ -252,10 +252,10 @@ class Fusor:
         """Indices (into the active tokens) of those that keep running: non-chunk tokens always,
         chunk tokens by the selector; None when every token is kept.
 
-        A query-aware selector also gets the suffix's attention on each chunk token at this
-        layer (its queries against the fresh keys of the computed rows, cached keys elsewhere):
-        the suffix computes that attention anyway, so it costs s x T scores, no extra layer;
-        or, with a probe pass (``state.probed``, blend/probe.py), the probe's attention."""
+        A query-aware selector also gets the last position's attention on each chunk token at
+        this layer (its query against the fresh keys of the computed rows, cached keys
+        elsewhere): the suffix computes that attention anyway, so it costs T scores, no extra
+        layer; or, with a probe pass (``state.probed``, blend/probe.py), the probe's attention."""
         positions, n, candidates_n = state.positions, state.n, state.num_candidates
         in_chunk = state.in_chunk[positions]  # (n,)
         keep = ~in_chunk
@@ -270,13 +270,12 @@ class Fusor:
             if selector.needs_attention and state.probed is not None:
                 attention = state.probed[chunk_positions]
             elif selector.needs_attention:
-                suffix_index = first_true(~in_chunk, n - candidates_n)  # (s,) holds T-1
-                suffix_at = positions[suffix_index]
                 keys = layer_keys.clone()  # (KV, T, hd)
                 keys[:, positions] = fresh_k
                 key_positions = torch.arange(keys.shape[1], device=positions.device)
-                mass = suffix_attention(rope.apply(q[:, suffix_index], suffix_at),
-                                        suffix_at, keys, key_positions)  # (T,)
+                last = positions[-1:]  # T-1: the position that writes the answer
+                mass = suffix_attention(rope.apply(q[:, -1:], last), last, keys,
+                                        key_positions)  # (T,)
                 attention = mass[chunk_positions]
             candidates = Candidates(chunk_positions, deviation, plan.chunk_spans,
                                     plan.num_chunk_tokens, attention)

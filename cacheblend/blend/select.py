@@ -1,8 +1,9 @@
 """Token selectors: which chunk tokens keep being recomputed after a check layer.
 
-A selector sees the candidates (chunk tokens still being computed) with their KV deviation at
-the check layer and, when it asks for it (``needs_attention``), the attention mass the suffix
-(the question) puts on each of them at that layer, and returns which to keep. Selectors
+A selector sees the candidates (chunk tokens still being computed) with, when it asks for them,
+their KV deviation at the check layer (``needs_deviation``) and the attention the prompt's last
+position puts on each of them (``needs_attention``: at that layer, or from a probe of the
+suffix, blend/probe.py), and returns which to keep. Selectors
 combine: ``UnionSelector`` keeps what any member keeps (for example HKVD plus the first k
 tokens of each chunk).
 
@@ -35,9 +36,10 @@ class Candidates:
     """The chunk tokens still computed at a check layer.
 
     positions: (n,) prompt positions, sorted; deviation: (n,) KV deviation (None unless the
-    selector needs it); chunk_spans: (start, end) of every chunk; num_chunk_tokens: all chunk tokens;
-    attention: (n,) the suffix's attention mass on each candidate at the check layer (mean
-    over the suffix's queries and heads; None unless the selector needs it).
+    selector needs it); chunk_spans: (start, end) of every chunk; num_chunk_tokens: all chunk
+    tokens; attention: (n,) the attention of the prompt's last position (whose output is the
+    first answer token) on each candidate, mean over heads, at the check layer or from a probe
+    (None unless the selector needs it).
     """
 
     positions: torch.Tensor
