@@ -31,7 +31,8 @@ class BlendConfig:
     layer). coverage: 0 = a fixed budget; c > 0 = adaptive, keep the smallest top-ranked set
     holding c of the selector's score mass, capped at the check ratio (see blend/select.py).
     probe_layers: with a query-aware selector, run the suffix over the cached KV for this many
-    layers first and rank by that attention (its cost is taken out of the ratio).
+    layers first (-1: every layer) and rank by that attention (its cost is taken out of the
+    ratio).
     """
 
     method: str = "blend"
@@ -40,7 +41,7 @@ class BlendConfig:
     deviation: str = "k"
     selector: str = "hkvd"
     coverage: float = 0.0
-    probe_layers: int = 0  # > 0: query-aware selectors read a probe of the suffix (blend/probe.py)
+    probe_layers: int = 0  # != 0: query-aware selectors read a probe of the suffix (blend/probe.py)
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     epic_k: int = 16
     precompute: str = "preamble"  # measured best for blend: docs/benchmarks.md
@@ -67,8 +68,10 @@ class BlendConfig:
             raise ConfigError("check_ratios must lie in [0, 1]")
         if list(self.check_ratios) != sorted(self.check_ratios, reverse=True):
             raise ConfigError("check_ratios must not increase (each check layer narrows the set)")
-        if self.epic_k < 0 or self.first_k < 0 or self.probe_layers < 0:
-            raise ConfigError("epic_k, first_k and probe_layers must be >= 0")
+        if self.epic_k < 0 or self.first_k < 0:
+            raise ConfigError("epic_k and first_k must be >= 0")
+        if self.probe_layers < -1:
+            raise ConfigError("probe_layers must be >= 0, or -1 for every layer")
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ConfigError("min_ratio must lie in [0, 1]")
 

@@ -95,7 +95,8 @@ class Planner:
         else:  # blend
             active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
             blend = blend.with_ratio(ratio)
-            probe = blend.probe_layers if blend.selector != "hkvd" else 0
+            probe = self.probe_depth(blend)
+            blend = replace(blend, probe_layers=probe)
             cost = self._probe_cost(probe, len(segments.suffix),
                                     sum(e - s for s, e in spans), blend) if probe else 0.0
             # A probe that would use up more than half the budget (a long suffix, SAMSum's
@@ -110,6 +111,13 @@ class Planner:
         plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation,
                           probe_layers=blend.probe_layers if checks else 0)
         return PlannedPrefill(plan, method, blend.ratio if method == "blend" else None, lookup)
+
+    def probe_depth(self, blend: BlendConfig) -> int:
+        """How many layers the probe runs for ``blend`` (0: none; -1 in the config: all)."""
+        if blend.selector == "hkvd" or blend.probe_layers == 0:
+            return 0
+        return self.num_layers if blend.probe_layers < 0 else min(blend.probe_layers,
+                                                                  self.num_layers)
 
     def _probe_cost(self, layers: int, suffix_tokens: int, chunk_tokens: int, blend) -> float:
         """The probe's token-layers (suffix x probed layers) as a share of the chunk tokens x

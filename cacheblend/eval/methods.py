@@ -13,9 +13,10 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
                                             holding NUMBER of the selector's score mass, capped
                                             at the "@" ratio (BlendConfig.coverage)
                | "+first" INT               blend: also recompute each chunk's first INT tokens
-               | "+probe" INT               blend, query-aware selectors: rank by a probe of the
-                                            suffix over the cached KV, first INT layers (its
-                                            cost comes out of the ratio: blend/probe.py)
+               | "+probe" [INT]             blend, query-aware selectors: rank by a probe of the
+                                            suffix over the cached KV, first INT layers, or
+                                            every layer without INT (its cost comes out of
+                                            the ratio: blend/probe.py)
                | "@" NUMBER                 blend: recompute ratio; epic: k (tokens per chunk)
     schedule  := "L" INT ["=" RATIO] ("," "L" INT ["=" RATIO])*
                                             blend: check layers and their ratios; the last
@@ -105,7 +106,7 @@ class MethodSpec:
 
 
 _MODIFIER = re.compile(
-    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d+|@[0-9.]+|~[0-9.]+|\[[a-z-]+\])")
+    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|@[0-9.]+|~[0-9.]+|\[[a-z-]+\])")
 
 
 def parse_method(text: str, precompute: str | None = None) -> MethodSpec:
@@ -194,7 +195,7 @@ def _apply_modifier(text: str, method: str, modifier: str, fields: dict) -> None
     elif modifier == "-gradual":
         once("gradual", True)
     elif modifier.startswith("+probe"):
-        once("probe_layers", int(modifier[len("+probe"):]))
+        once("probe_layers", int(modifier[len("+probe"):] or -1))  # "+probe": every layer
     else:  # +firstN
         once("first_k", int(modifier[len("+first"):]))
 

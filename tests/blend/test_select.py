@@ -198,6 +198,13 @@ def test_probe_cost_comes_out_of_the_budget():
     # 36 suffix tokens x 30 probed layers against 1920 chunk tokens x 28 layers after the check
     assert planner._probe_cost(30, 36, 1920, blend) == pytest.approx(36 * 30 / (1920 * 28))
     assert planner._probe_cost(99, 36, 1920, blend) == planner._probe_cost(30, 36, 1920, blend)
+    depth = planner.probe_depth
+    assert depth(BlendConfig(selector="qa", probe_layers=-1)) == 30  # -1: every layer
+    assert depth(BlendConfig(selector="qa", probe_layers=99)) == 30
+    assert depth(BlendConfig(selector="qa", probe_layers=8)) == 8
+    assert depth(BlendConfig(selector="hkvd", probe_layers=8)) == 0  # HKVD reads no probe
+    with pytest.raises(ConfigError):
+        BlendConfig(probe_layers=-2)
 
 
 def test_the_hkvd_fallback_never_checks_at_layer_0():

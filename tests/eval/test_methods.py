@@ -89,6 +89,9 @@ def test_selectors_coverage_and_probe():
     assert (config.selector, config.coverage, config.probe_layers) == ("qkvd", 0.9, 30)
     assert config.check_layers == (2,) and config.ratio == 0.15
     assert parse_method("blend[qa]@0.05/prefix").label == "blend[qa]@0.05/prefix"
+    every = parse_method("blend[qa]+probe@0.12:L0")  # "+probe" alone: every layer
+    assert every.label == "blend[qa]+probe@0.12:L0"
+    assert every.blend_config(BlendConfig()).probe_layers == -1
     for bad in ("blend[nope]", "blend~1.5", "reuse[qa]", "epic[qa]", "blend[qa][qkvd]"):
         with pytest.raises(MethodSpecError):
             parse_method(bad)
