@@ -41,6 +41,8 @@ def add_parser(subparsers) -> None:
                       "[{question, answers, ctxs: [{title, text}]}] (instead of --dataset)")
     data.add_argument("--data-dir", help="raw data directory (default: ../shared/data/raw)")
     data.add_argument("--limit", type=int, help="number of examples (default: all)")
+    data.add_argument("--skip", type=int, default=0, help="leave out the first N examples "
+                      "(e.g. those a setting was tuned on; rows already run are reused)")
     data.add_argument("--passages", type=int, help="passages (chunks) per example; 0 = all "
                       "(default: 6 for QA and SAMSum shots, all for multi_news)")
     data.add_argument("--passage-tokens", type=int, help="truncate each passage to N tokens; "
@@ -143,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CacheBlendError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.skip < 0:
+        raise CacheBlendError("--skip must be >= 0")
     precompute = _csv(args.precompute) or None
     specs = parse_methods(args.methods, precompute)  # errors before the model loads
     decode = _decode_labels(args, precompute)
@@ -160,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = load_dataset(name, data_file=args.data, data_dir=args.data_dir,
                                passages=args.passages, passage_tokens=args.passage_tokens,
                                limit=args.limit, seed=args.seed, shuffle=args.shuffle,
-                               tokenizer=engine.tokenizer)
+                               tokenizer=engine.tokenizer, skip=args.skip)
         plan = EvalPlan.build(specs, dataset.kind, args.max_tokens, decode, progress)
         dataset_dir = out_dir / dataset.name
         summary = run_dataset(engine, dataset, plan, dataset_dir, seed=args.seed)

@@ -290,12 +290,13 @@ def prepare(examples: list[Example], passages: int | None = None,
 
 
 def select(examples: list[Example], limit: int | None = None, seed: int = 0,
-           shuffle: bool = False) -> list[Example]:
-    """The first ``limit`` examples, in file order or in a seeded shuffled order."""
+           shuffle: bool = False, skip: int = 0) -> list[Example]:
+    """``limit`` examples after the first ``skip``, in file order or in a seeded shuffled order
+    (``skip`` leaves out the examples a setting was tuned on, say)."""
     examples = list(examples)
     if shuffle:
         random.Random(seed).shuffle(examples)
-    return examples[:limit] if limit is not None else examples
+    return examples[skip : skip + limit] if limit is not None else examples[skip:]
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ class LoadedDataset:
 def load_dataset(name: str | None = None, data_file: str | Path | None = None,
                  data_dir: str | Path | None = None, passages: int | None = None,
                  passage_tokens: int | None = None, limit: int | None = None, seed: int = 0,
-                 shuffle: bool = False, tokenizer=None) -> LoadedDataset:
+                 shuffle: bool = False, tokenizer=None, skip: int = 0) -> LoadedDataset:
     """A named dataset from the data directory, or ``data_file`` in the common format.
 
     ``passages`` / ``passage_tokens`` default to the dataset's own defaults (``DATASETS``);
@@ -341,6 +342,6 @@ def load_dataset(name: str | None = None, data_file: str | Path | None = None,
     passages = info.passages if passages is None else (passages if passages > 0 else None)
     passage_tokens = (info.passage_tokens if passage_tokens is None
                       else (passage_tokens if passage_tokens > 0 else None))
-    examples = select(examples, limit, seed, shuffle)
+    examples = select(examples, limit, seed, shuffle, skip)
     examples = prepare(examples, passages, passage_tokens, tokenizer, truncate)
     return LoadedDataset(info.name, info.kind, files, examples, passages, passage_tokens)

@@ -55,6 +55,9 @@ def test_ttft_sweep_with_peers(tmp_path, capsys):
 def test_bad_method_spec_is_a_one_line_error(capsys):
     assert main(["eval", "--methods", "full,blend@7"]) == 2
     assert "blend@7" in capsys.readouterr().err
+    assert main(["eval", "--skip", "-1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--skip must be >= 0" in line
 
 
 def test_malformed_data_file_is_refused_before_the_model_loads(tmp_path, capsys):

@@ -25,6 +25,9 @@ def test_musique(data_dir):
     assert len(dataset.examples) == 5 and dataset.passages == 6
     assert all(len(e.documents) == 6 for e in dataset.examples)
     assert dataset.examples[0].documents == raw[0].documents[:6]
+    later = load_dataset("musique", data_dir=data_dir, limit=3, skip=2)  # examples 2, 3, 4
+    assert [e.id for e in later.examples] == [e.id for e in dataset.examples[2:5]]
+    assert len(load_dataset("musique", data_dir=data_dir, skip=148).examples) == 2
 
 
 def test_2wikimqa_answers_are_flattened(data_dir):
