@@ -35,13 +35,17 @@ class BlendConfig:
     ratio).
     """
 
+    # The default, picked by measurement (docs/results.md, issue 12): the last position's
+    # attention from a probe of every layer ranks the chunk tokens, checked at layer 0, 12% of
+    # the chunk tokens (the probe's cost included). A request whose suffix is too long to probe
+    # gets HKVD at layer 1 and the same 12%.
     method: str = "blend"
-    check_layers: tuple[int, ...] = (1,)
-    check_ratios: tuple[float, ...] = (0.15,)
+    check_layers: tuple[int, ...] = (0,)
+    check_ratios: tuple[float, ...] = (0.12,)
     deviation: str = "k"
-    selector: str = "hkvd"
+    selector: str = "qa"
     coverage: float = 0.0
-    probe_layers: int = 0  # != 0: query-aware selectors read a probe of the suffix (blend/probe.py)
+    probe_layers: int = -1  # != 0: query-aware selectors read a probe of the suffix (blend/probe.py)
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     epic_k: int = 16
     precompute: str = "preamble"  # measured best for blend: docs/benchmarks.md

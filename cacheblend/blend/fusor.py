@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cacheblend.blend.loader import CachedSpan, LayerLoader
-from cacheblend.blend.probe import probe_attention, suffix_positions
+from cacheblend.blend.probe import probe_attention, suffix_count
 from cacheblend.blend.select import Candidates, Selector, kv_deviation, suffix_attention
 from cacheblend.device import host_sync
 from cacheblend.kv import RequestKV
@@ -52,7 +52,7 @@ class FusionPlan:
     deviation: str = "k"
     capture: bool = False  # record pre-RoPE K/V of active rows (plans without checks only)
     resident: int = 0  # rows [0, resident) are in the request KV already (an earlier slice)
-    probe_layers: int = 0  # > 0: query-aware selectors use a probe of the suffix (blend/probe.py)
+    probe_layers: int = 0  # > 0: query-aware selectors use a probe of the suffix, this deep (capped)
     # Derived on the host at construction:
     kind: str = field(init=False)  # attention of the active set: causal | tail | scattered
     num_chunk_active: int = field(init=False)  # active positions inside chunks
@@ -65,6 +65,7 @@ class FusionPlan:
         assert n > 0 and int(active[-1]) == total - 1, "suffix must run"
         assert bool((active[1:] > active[:-1]).all()), "active positions must be sorted, unique"
         assert not (self.capture and self.checks), "capture needs a fixed active set"
+        assert self.probe_layers >= 0, "the planner resolves the probe's depth (-1: all)"
         cached_rows = torch.zeros(total, dtype=torch.bool)
         for span in self.cached:
             cached_rows[span.start : span.end] = True
@@ -170,8 +171,9 @@ class Fusor:
         checks = dict(plan.checks)
         loader = LayerLoader(plan.cached, runner.rope, kv, mode=loading)
         if plan.probe_layers and any(s.needs_attention for _, s in plan.checks):
-            state.probed = probe_attention(runner, plan.ids, suffix_positions(
-                state.positions, plan.chunk_spans), kv, loader, plan.probe_layers)
+            suffix = state.positions[state.n - suffix_count(plan.active, plan.chunk_spans):]
+            state.probed = probe_attention(runner, plan.ids, suffix, kv, loader,
+                                           plan.probe_layers)
         try:
             for index in range(runner.num_layers):
                 self._layer(index, plan, checks.get(index), state, kv, loader)

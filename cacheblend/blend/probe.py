@@ -22,10 +22,11 @@ from cacheblend.kv import RequestKV
 from cacheblend.model.runner import ModelRunner
 
 
-def suffix_positions(active: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-    """The active positions after the last chunk: the suffix, a contiguous tail."""
+def suffix_count(active: torch.Tensor, spans: list[tuple[int, int]]) -> int:
+    """How many of a plan's active positions (host data) come after the last chunk: the
+    suffix, a contiguous tail. Counted on the host, so the device tail is a plain slice."""
     end = max((e for _, e in spans), default=0)
-    return active[active >= end]
+    return int((active.cpu() >= end).sum())
 
 
 def probe_attention(runner: ModelRunner, ids: torch.Tensor, suffix: torch.Tensor, kv: RequestKV,

@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         load_common_file(args.data)  # a malformed file fails before the model loads
     engine = Engine(engine_config(args))
+    for spec in specs:
+        spec.request_blend(engine)  # a spec that does not apply to the config's defaults
     progress = not args.no_progress
 
     summaries, plots = [], {}

@@ -98,6 +98,10 @@ class MethodSpec:
         config = replace(base, **changes)
         if self.ratio is not None and self.schedule is None:
             config = config.with_ratio(self.ratio)
+        if self.deviation is not None and config.selector == "qa":
+            raise MethodSpecError(
+                f"method spec {self.label!r}: the selector here is qa, which reads no KV "
+                f"deviation; name one that does, e.g. blend[hkvd]-{self.deviation}")
         return config
 
     def request_blend(self, engine) -> BlendConfig:

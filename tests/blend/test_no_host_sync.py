@@ -26,7 +26,12 @@ from torch.utils._pytree import tree_leaves
 from cacheblend.blend import fusor as fusor_module
 from cacheblend.blend.fusor import FusionPlan, Fusor
 from cacheblend.blend.loader import CachedSpan
-from cacheblend.blend.select import FirstKSelector, HKVDSelector, UnionSelector
+from cacheblend.blend.select import (
+    FirstKSelector,
+    HKVDSelector,
+    QueryAttentionSelector,
+    UnionSelector,
+)
 from cacheblend.kv import RequestKV
 from cacheblend.model.attention import CUDAAttention
 from cacheblend.model.random import shape_config
@@ -108,6 +113,8 @@ def plans(cached: list[CachedSpan]) -> dict[str, FusionPlan]:
         "epic": FusionPlan(ids, torch.cat([first_k, suffix]), cached, SPANS),
         "blend": FusionPlan(ids, torch.cat([chunk_positions, suffix]), cached, SPANS,
                             [(1, HKVDSelector(0.15))]),
+        "blend-probed": FusionPlan(ids, torch.cat([chunk_positions, suffix]), cached, SPANS,
+                                   [(0, QueryAttentionSelector(0.12))], probe_layers=99),
         "blend-gradual": FusionPlan(ids, torch.cat([chunk_positions, suffix]), cached, SPANS,
                                     [(1, UnionSelector(HKVDSelector(0.3), FirstKSelector(2))),
                                      (2, HKVDSelector(0.15))]),
@@ -151,6 +158,9 @@ def test_fused_prefill_never_reads_the_device(kind, loading, monkeypatch):
         assert result.logits.shape == (config.vocab_size,), name
         assert result.computed.device.type == device.type, name
     assert results["blend"].active_per_layer[1:] == [SUFFIX + math.ceil(0.15 * 46)] * 3
+    # The default's shape: a probe of every layer, then the last position's attention ranks at
+    # layer 0, a fixed budget: no read either.
+    assert results["blend-probed"].active_per_layer == [SUFFIX + math.ceil(0.12 * 46)] * layers
     assert results["prefix"].captured is not None and len(results["prefix"].captured) == layers
     assert len(syncs) == 1  # only the union selector's check layer reads back, once
 

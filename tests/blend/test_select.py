@@ -211,7 +211,8 @@ def test_the_hkvd_fallback_never_checks_at_layer_0():
     from cacheblend.blend.planner import hkvd_fallback
 
     probed = BlendConfig(selector="qa", probe_layers=30, check_layers=(0,), check_ratios=(0.15,))
-    assert hkvd_fallback(probed) == BlendConfig(check_layers=(1,), check_ratios=(0.15,))
+    assert hkvd_fallback(probed) == BlendConfig(selector="hkvd", probe_layers=0, check_layers=(1,),
+                                                check_ratios=(0.15,))
     two = BlendConfig(selector="qa", probe_layers=8, check_layers=(0, 1, 4),
                       check_ratios=(0.3, 0.2, 0.1))
     fallback = hkvd_fallback(two)
@@ -285,7 +286,7 @@ def test_the_probe_computes_the_suffix_exactly_as_reuse_does(engine_factory):
     suffix K/V it writes equal those of a ``reuse`` prefill (its one softmax gives both the
     attention output and the mass it ranks by)."""
     from cacheblend.blend.loader import LayerLoader
-    from cacheblend.blend.probe import probe_attention, suffix_positions
+    from cacheblend.blend.probe import probe_attention, suffix_count
     from cacheblend.engine import GenerateRequest
     from cacheblend.kv import RequestKV
     from cacheblend.request import RequestSettings
@@ -300,10 +301,22 @@ def test_the_probe_computes_the_suffix_exactly_as_reuse_does(engine_factory):
     runner, n = engine.runner, reuse_kv.length
     kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, n)
     loader = LayerLoader(plan.cached, runner.rope, kv)
-    suffix = suffix_positions(plan.active, plan.chunk_spans)
+    suffix = plan.active[plan.active.numel() - suffix_count(plan.active, plan.chunk_spans):]
     mass = probe_attention(runner, plan.ids, suffix, kv, loader, runner.num_layers)
     loader.close()
     assert abs(float(mass.sum()) - 1.0) < 1e-4
     rows = slice(int(suffix[0]), n)
     assert (kv.keys[:, :, rows] - reuse_kv.keys[:, :, rows]).abs().max().item() <= 1e-4
     assert (kv.values[:, :, rows] - reuse_kv.values[:, :, rows]).abs().max().item() <= 1e-4
+
+
+def test_the_hkvd_config_file_is_cacheblends_own_selection():
+    """benchmarks/configs/hkvd.yaml, the documented way back to the pre-issue-12 default."""
+    from pathlib import Path
+
+    from cacheblend.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "hkvd.yaml"
+    assert load_config(path).blend == BlendConfig(selector="hkvd", probe_layers=0,
+                                                  check_layers=(1,), check_ratios=(0.15,))
+    assert BlendConfig().selector == "qa" and BlendConfig().probe_layers == -1

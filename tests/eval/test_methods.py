@@ -18,13 +18,16 @@ def test_plain_methods():
 def test_blend_variants():
     assert config("blend@0.05").check_ratios == (0.05,)
     assert config("blend@0.3").check_ratios == (0.3,)
-    c = config("blend-v@0.15")
-    assert (c.deviation, c.check_ratios) == ("v", (0.15,))
-    assert config("blend-k").deviation == "k"
-    assert config("blend-kv").deviation == "kv"
+    c = config("blend[hkvd]-v@0.15")
+    assert (c.selector, c.deviation, c.check_ratios) == ("hkvd", "v", (0.15,))
+    assert config("blend[hkvd]-k").deviation == "k"
+    assert config("blend[qkvd]-kv").deviation == "kv"
     assert config("blend+first16").first_k == 16
-    c = config("blend-v+first8@0.3")
+    c = config("blend[hkvd]-v+first8@0.3")
     assert (c.deviation, c.first_k, c.check_ratios) == ("v", 8, (0.3,))
+    # The default selector (qa) reads no deviation: a deviation alone would silently do nothing.
+    with pytest.raises(MethodSpecError, match=r"blend\[hkvd\]-v"):
+        config("blend-v@0.15")
 
 
 def test_gradual_and_schedules():
@@ -37,7 +40,7 @@ def test_gradual_and_schedules():
     c = config("blend:L2=0.5,L5=0.1")
     assert (c.check_layers, c.check_ratios) == ((2, 5), (0.5, 0.1))
     c = config("blend:L1=0.3,L4")  # last ratio: the config's
-    assert c.check_ratios == (0.3, 0.15)
+    assert c.check_ratios == (0.3, BlendConfig().ratio)
 
 
 def test_epic_k():
