@@ -95,7 +95,8 @@ class Planner:
         else:  # blend
             active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
             blend = blend.with_ratio(ratio)
-            probe = self.probe_depth(blend)
+            # At ratio 1 every chunk token is kept: there is nothing for a probe to rank.
+            probe = self.probe_depth(blend) if blend.ratio < 1.0 else 0
             blend = replace(blend, probe_layers=probe)
             cost = self._probe_cost(probe, len(segments.suffix),
                                     sum(e - s for s, e in spans), blend) if probe else 0.0

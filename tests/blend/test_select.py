@@ -302,7 +302,8 @@ def test_the_probe_computes_the_suffix_exactly_as_reuse_does(engine_factory):
     kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, n)
     loader = LayerLoader(plan.cached, runner.rope, kv)
     suffix = plan.active[plan.active.numel() - suffix_count(plan.active, plan.chunk_spans):]
-    mass = probe_attention(runner, plan.ids, suffix, kv, loader, runner.num_layers)
+    with torch.inference_mode():
+        mass = probe_attention(runner, plan.ids, suffix, kv, loader, runner.num_layers)
     loader.close()
     assert abs(float(mass.sum()) - 1.0) < 1e-4
     rows = slice(int(suffix[0]), n)
