@@ -28,13 +28,17 @@ def entry(runner: ModelRunner, ids: torch.Tensor, start: int, end: int) -> Chunk
                    torch.stack([v[:, start:end] for _, v in kv]))
 
 
+def setup(device, dtype_name: str, seed: int):
+    """A tiny random model in the dtype, a prompt of prefix + two chunks + suffix, its spans."""
+    runner = ModelRunner(random_model("tiny", device=str(device), dtype=torch_dtype(dtype_name)))
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 1000, (PREFIX + 2 * CHUNK + SUFFIX,))
+    return runner, ids, [(PREFIX, PREFIX + CHUNK), (PREFIX + CHUNK, PREFIX + 2 * CHUNK)]
+
+
 def test_blend_at_ratio_one_equals_full_in_every_dtype(device, dtype_name):
-    dtype = torch_dtype(dtype_name)
-    runner = ModelRunner(random_model("tiny", device=str(device), dtype=dtype))
-    torch.manual_seed(3)
-    total = PREFIX + 2 * CHUNK + SUFFIX
-    ids = torch.randint(0, 1000, (total,))
-    spans = [(PREFIX, PREFIX + CHUNK), (PREFIX + CHUNK, PREFIX + 2 * CHUNK)]
+    runner, ids, spans = setup(device, dtype_name, seed=3)
+    dtype, total = runner.dtype, ids.shape[0]
     cached = [CachedSpan(0, entry(runner, ids, 0, PREFIX))]  # the exact prefix
     for start, end in spans:  # each chunk computed alone, then moved to its position
         cached.append(CachedSpan(start, entry(runner, ids[start:end], 0, end - start)))
@@ -62,12 +66,8 @@ def test_blend_at_ratio_one_equals_full_in_every_dtype(device, dtype_name):
 def test_loading_modes_agree_in_every_dtype(device, dtype_name):
     """bulk, layer and prefetch (a side CUDA stream on CUDA, a thread on the CPU) load the same
     rows: entries stored fp16 on the host, and one already on the device (the gpu tier)."""
-    dtype = torch_dtype(dtype_name)
-    runner = ModelRunner(random_model("tiny", device=str(device), dtype=dtype))
-    torch.manual_seed(4)
-    total = PREFIX + 2 * CHUNK + SUFFIX
-    ids = torch.randint(0, 1000, (total,))
-    spans = [(PREFIX, PREFIX + CHUNK), (PREFIX + CHUNK, PREFIX + 2 * CHUNK)]
+    runner, ids, spans = setup(device, dtype_name, seed=4)
+    dtype, total = runner.dtype, ids.shape[0]
 
     def stored(kv: ChunkKV, on_device: bool) -> ChunkKV:
         place = device if on_device else "cpu"
