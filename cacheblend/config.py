@@ -32,7 +32,8 @@ class BlendConfig:
     holding c of the selector's score mass, capped at the check ratio (see blend/select.py).
     probe_layers: with a query-aware selector, run the suffix over the cached KV for this many
     layers first (-1: every layer) and rank by that attention (its cost is taken out of the
-    ratio).
+    ratio). probe_tail: a suffix too long to probe whole within half the budget (SAMSum's
+    dialogue) is probed by its last probe_tail tokens; if even those do not fit, HKVD selects.
     """
 
     # The default, picked by measurement (docs/results.md, issue 12): the last position's
@@ -46,6 +47,7 @@ class BlendConfig:
     selector: str = "qa"
     coverage: float = 0.0
     probe_layers: int = -1  # != 0: query-aware selectors read a probe of the suffix (blend/probe.py)
+    probe_tail: int = 8  # a long suffix: probe its last 8 tokens (picked on 16 SAMSum prompts)
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     epic_k: int = 16
     precompute: str = "preamble"  # measured best for blend: docs/benchmarks.md
@@ -74,6 +76,8 @@ class BlendConfig:
             raise ConfigError("check_ratios must not increase (each check layer narrows the set)")
         if self.epic_k < 0 or self.first_k < 0:
             raise ConfigError("epic_k and first_k must be >= 0")
+        if self.probe_tail < 1:
+            raise ConfigError("probe_tail must be >= 1")
         if self.probe_layers < -1:
             raise ConfigError("probe_layers must be >= 0, or -1 for every layer")
         if not 0.0 <= self.min_ratio <= 1.0:

@@ -33,7 +33,7 @@ import torch
 
 from cacheblend.blend.loader import CachedSpan, LayerLoader
 from cacheblend.blend.probe import probe_attention, suffix_count
-from cacheblend.blend.select import Candidates, Selector, kv_deviation, suffix_attention
+from cacheblend.blend.select import Candidates, Selector, kv_deviation, output_share, suffix_probs
 from cacheblend.device import host_sync
 from cacheblend.kv import RequestKV
 from cacheblend.model.attention import QueryLayout
@@ -53,6 +53,7 @@ class FusionPlan:
     capture: bool = False  # record pre-RoPE K/V of active rows (plans without checks only)
     resident: int = 0  # rows [0, resident) are in the request KV already (an earlier slice)
     probe_layers: int = 0  # > 0: query-aware selectors use a probe of the suffix, this deep (capped)
+    probe_tokens: int = 0  # > 0: the probe runs only the suffix's last probe_tokens (0: all of it)
     # Derived on the host at construction:
     kind: str = field(init=False)  # attention of the active set: causal | tail | scattered
     num_chunk_active: int = field(init=False)  # active positions inside chunks
@@ -171,9 +172,11 @@ class Fusor:
         checks = dict(plan.checks)
         loader = LayerLoader(plan.cached, runner.rope, kv, mode=loading)
         if plan.probe_layers and any(s.needs_attention for _, s in plan.checks):
-            suffix = state.positions[state.n - suffix_count(plan.active, plan.chunk_spans):]
-            state.probed = probe_attention(runner, plan.ids, suffix, kv, loader,
-                                           plan.probe_layers)
+            count = suffix_count(plan.active, plan.chunk_spans)
+            probed = min(count, plan.probe_tokens or count)
+            state.probed = probe_attention(runner, plan.ids, state.positions[state.n - probed:],
+                                           kv, loader, plan.probe_layers,
+                                           cached_end=total - count)
         try:
             for index in range(runner.num_layers):
                 self._layer(index, plan, checks.get(index), state, kv, loader)
@@ -254,9 +257,9 @@ class Fusor:
         """Indices (into the active tokens) of those that keep running: non-chunk tokens always,
         chunk tokens by the selector; None when every token is kept.
 
-        A query-aware selector also gets the last position's attention on each chunk token at
-        this layer (its query against the fresh keys of the computed rows, cached keys
-        elsewhere): the suffix computes that attention anyway, so it costs T scores, no extra
+        A query-aware selector also gets each chunk token's share of the last position's
+        attention output at this layer (its query against the fresh K/V of the computed rows,
+        cached K/V elsewhere): the suffix computes that attention anyway, so it costs T scores, no extra
         layer; or, with a probe pass (``state.probed``, blend/probe.py), the probe's attention."""
         positions, n, candidates_n = state.positions, state.n, state.num_candidates
         in_chunk = state.in_chunk[positions]  # (n,)
@@ -272,13 +275,12 @@ class Fusor:
             if selector.needs_attention and state.probed is not None:
                 attention = state.probed[chunk_positions]
             elif selector.needs_attention:
-                keys = layer_keys.clone()  # (KV, T, hd)
-                keys[:, positions] = fresh_k
+                keys, values = layer_keys.clone(), layer_values.clone()  # (KV, T, hd)
+                keys[:, positions], values[:, positions] = fresh_k, fresh_v
                 key_positions = torch.arange(keys.shape[1], device=positions.device)
                 last = positions[-1:]  # T-1: the position that writes the answer
-                mass = suffix_attention(rope.apply(q[:, -1:], last), last, keys,
-                                        key_positions)  # (T,)
-                attention = mass[chunk_positions]
+                probs = suffix_probs(rope.apply(q[:, -1:], last), last, keys, key_positions)
+                attention = output_share(probs[:, :, -1], values)[chunk_positions]
             candidates = Candidates(chunk_positions, deviation, plan.chunk_spans,
                                     plan.num_chunk_tokens, attention)
             keep[chunk_index] = selector.keep(candidates)

@@ -85,7 +85,7 @@ class Planner:
         if cached is None:  # the controller's fallback
             return PlannedPrefill(FusionPlan(ids, torch.arange(total)), "full", None, lookup)
         suffix = torch.arange(total - len(segments.suffix), total)
-        checks = []
+        checks, tokens = [], 0
         if method == "reuse":
             active = suffix
         elif method == "epic":
@@ -97,20 +97,21 @@ class Planner:
             blend = blend.with_ratio(ratio)
             # At ratio 1 every chunk token is kept: there is nothing for a probe to rank.
             probe = self.probe_depth(blend) if blend.ratio < 1.0 else 0
-            blend = replace(blend, probe_layers=probe)
-            cost = self._probe_cost(probe, len(segments.suffix),
-                                    sum(e - s for s, e in spans), blend) if probe else 0.0
-            # A probe that would use up more than half the budget (a long suffix, SAMSum's
-            # dialogue) is skipped and HKVD selects: the question's attention at an early check
-            # layer alone ranked worse than deviation (docs/results.md, selection).
-            blend = (blend.with_ratio(blend.ratio - cost) if cost <= blend.ratio / 2
-                     else hkvd_fallback(blend))
+            chunk_tokens = sum(e - s for s, e in spans)
+            tokens = self._probe_tokens(probe, len(segments.suffix), chunk_tokens, blend)
+            if probe and not tokens:  # not even the suffix's tail fits: HKVD selects
+                blend = hkvd_fallback(blend)
+            else:
+                cost = self._probe_cost(probe, tokens, chunk_tokens, blend) if probe else 0.0
+                blend = replace(blend.with_ratio(blend.ratio - cost), probe_layers=probe)
             for layer, layer_ratio in zip(blend.check_layers, blend.check_ratios):
                 selector = make_selector(blend.selector, layer_ratio, blend.coverage,
                                          blend.first_k)
                 checks.append((min(layer, self.num_layers - 1), selector))
+        probe_layers = blend.probe_layers if checks else 0
         plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation,
-                          probe_layers=blend.probe_layers if checks else 0)
+                          probe_layers=probe_layers,
+                          probe_tokens=tokens if probe_layers else 0)
         return PlannedPrefill(plan, method, blend.ratio if method == "blend" else None, lookup)
 
     def probe_depth(self, blend: BlendConfig) -> int:
@@ -119,6 +120,20 @@ class Planner:
             return 0
         return self.num_layers if blend.probe_layers < 0 else min(blend.probe_layers,
                                                                   self.num_layers)
+
+    def _probe_tokens(self, layers: int, suffix_tokens: int, chunk_tokens: int, blend) -> int:
+        """How many of the suffix's last tokens the probe runs (0: none fit). It may use up half
+        the recompute budget: the whole suffix if that fits, else its last ``probe_tail``
+        tokens (a long suffix, SAMSum's dialogue: on 16 SAMSum prompts probing the last 8 tokens
+        gave a lower KL than probing the last 57 or 28, which half or a quarter of the budget
+        would buy, as the budget left recomputes more: docs/results.md)."""
+        if not layers:
+            return 0
+        after = self.num_layers - min(blend.check_layers[-1], self.num_layers - 1) - 1
+        fits = int(blend.ratio / 2 * chunk_tokens * max(1, after) / min(layers, self.num_layers))
+        if suffix_tokens <= fits:
+            return suffix_tokens
+        return blend.probe_tail if blend.probe_tail <= fits else 0
 
     def _probe_cost(self, layers: int, suffix_tokens: int, chunk_tokens: int, blend) -> float:
         """The probe's token-layers (suffix x probed layers) as a share of the chunk tokens x

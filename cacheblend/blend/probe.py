@@ -1,15 +1,21 @@
 """The probe: a cheap pass of the suffix (the question) over the cached KV, before blending.
 
 Like ``reuse``, only the suffix is computed, against the cached chunk rows as they are, for the
-first ``layers`` layers; at each, the attention of the prompt's last position (the one whose
-output is the first answer token) on every position is kept, and its mean over heads and the
-probed layers tells a query-aware selector which chunk tokens the answer reads (ProphetKV's first
-stage). The last position alone ranks better than the mean over all the suffix's queries: on 16
+first ``layers`` layers; at each, the share of every position in the attention output of the
+prompt's last position (the one whose output is the first answer token: attention weight times
+value norm, ``select.output_share``) is kept, and its mean over the probed layers tells a
+query-aware selector which chunk tokens the answer reads (ProphetKV's first stage). The last position alone ranks better than the mean over all the suffix's queries: on 16
 MuSiQue / MultiNews development prompts, blend[qa]+probe30@0.15:L0 recovered 74% / 61% of reuse's
 KL with it against 69% / 46% with the mean (docs/results.md). It costs the suffix's tokens x
 ``layers`` token-layers; the planner takes that out of the recompute budget, so a probed blend is
 compute-matched with an unprobed one at the same ratio. The suffix rows it writes are
 overwritten by the blend pass, which computes the suffix at every layer.
+
+The probe may use up half the budget. A suffix too long for that (SAMSum's dialogue) is probed
+by as many of its last tokens as fit, which see the cached rows and each other but not the
+suffix tokens before them: on the first 16 SAMSum prompts this took the KL of the default from
+0.399 (HKVD at the same ratio, the fallback before) to 0.362, and from 0.206 to 0.152 in
+``prefix`` precompute mode (docs/results.md).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from cacheblend.blend.loader import LayerLoader
-from cacheblend.blend.select import suffix_probs
+from cacheblend.blend.select import output_share, suffix_probs
 from cacheblend.kv import RequestKV
 from cacheblend.model.runner import ModelRunner
 
@@ -30,26 +36,46 @@ def suffix_count(active: torch.Tensor, spans: list[tuple[int, int]]) -> int:
 
 
 def probe_attention(runner: ModelRunner, ids: torch.Tensor, suffix: torch.Tensor, kv: RequestKV,
-                    loader: LayerLoader, layers: int) -> torch.Tensor:
-    """(T,) the last position's attention on every position, averaged over heads and the first
-    ``layers`` layers of a pass of the suffix over the cached rows (T = ids' length)."""
+                    loader: LayerLoader, layers: int, cached_end: int | None = None
+                    ) -> torch.Tensor:
+    """(T,) the last position's output share of every position (``output_share``), averaged
+    over the first ``layers`` layers of a pass of ``suffix`` over the cached rows (T = ids' length).
+
+    ``suffix`` is the suffix's tail that is probed: every suffix token, or, for a suffix too
+    long to probe within the budget, its last tokens. The tokens left out are not seen: the
+    probed ones attend to the cached rows [0, ``cached_end``) and to each other (``cached_end``
+    defaults to where ``suffix`` starts)."""
     total = ids.shape[0]
     layers = min(layers, runner.num_layers)
-    suffix = suffix.to(kv.keys.device)
-    key_positions = torch.arange(total, device=kv.keys.device)
-    hidden = runner.embed(ids.to(kv.keys.device)[suffix])  # (s, D)
-    mass = torch.zeros(total, device=kv.keys.device)
+    device = kv.keys.device
+    suffix = suffix.to(device)
+    start = total - suffix.shape[0]  # the probed tail is contiguous: [start, total)
+    cached_end = start if cached_end is None else cached_end
+    whole = cached_end == start
+    key_positions = (torch.arange(total, device=device) if whole else
+                     torch.cat([torch.arange(cached_end, device=device), suffix]))
+    hidden = runner.embed(ids.to(device)[suffix])  # (s, D)
+    mass = torch.zeros(key_positions.shape[0], device=device)
     for index in range(layers):
         loader.load(index, runner.num_layers)
         q, k, v = runner.project_qkv(index, hidden)
         layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
-        layer_keys[:, suffix] = runner.rope.apply(k, suffix)
-        layer_values[:, suffix] = v
+        layer_keys[:, start:] = runner.rope.apply(k, suffix)
+        layer_values[:, start:] = v
+        if not whole:  # the rows between (the suffix left out) hold nothing yet: skip them
+            layer_keys = torch.cat([layer_keys[:, :cached_end], layer_keys[:, start:]], dim=1)
+            layer_values = torch.cat([layer_values[:, :cached_end], layer_values[:, start:]],
+                                     dim=1)
         probs = suffix_probs(runner.rope.apply(q, suffix), suffix, layer_keys, key_positions)
-        mass += probs[:, :, -1].mean(dim=(0, 1))  # the last position's: it writes the answer
+        mass += output_share(probs[:, :, -1], layer_values)  # the last position writes the answer
         if index + 1 < layers:  # the last probed layer's output is not needed
             # The weights that gave the mass also give the attention output: one softmax.
-            kv_heads, group, s, _ = probs.shape
-            attn = probs.to(layer_values.dtype).view(kv_heads, group * s, total) @ layer_values
+            kv_heads, group, s, keys_n = probs.shape
+            attn = probs.to(layer_values.dtype).view(kv_heads, group * s, keys_n) @ layer_values
             hidden = runner.finish_layer(index, hidden, attn.view(kv_heads * group, s, -1))
-    return mass / max(1, layers)
+    mass /= max(1, layers)
+    if whole:
+        return mass
+    full = torch.zeros(total, device=device)
+    full[:cached_end] = mass[:cached_end]
+    return full

@@ -16,7 +16,7 @@ from cacheblend.blend.select import (
     first_k_mask,
     kv_deviation,
     make_selector,
-    suffix_attention,
+    output_share,
     suffix_probs,
 )
 from cacheblend.config import SELECTORS, BlendConfig
@@ -135,13 +135,19 @@ def test_selectors_needing_attention_say_so():
     assert kept(keep) == [0, 10, 29]
 
 
-def test_suffix_attention_is_causal_and_sums_to_one():
+def test_output_share_is_causal_sums_to_one_and_weighs_attention_by_value_norm():
     torch.manual_seed(0)
-    q, keys = torch.randn(4, 2, 8), torch.randn(2, 6, 8)  # 4 query heads on 2 KV heads
-    mass = suffix_attention(q, torch.tensor([3, 5]), keys, torch.arange(6))
-    assert mass.shape == (6,) and abs(float(mass.sum()) - 1.0) < 1e-5
-    only_first = suffix_attention(q[:, :1], torch.tensor([3]), keys, torch.arange(6))
-    assert only_first[4:].abs().max() == 0  # keys after the query are unseen
+    q, keys, values = torch.randn(4, 1, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    probs = suffix_probs(q, torch.tensor([3]), keys, torch.arange(6))[:, :, -1]  # (2, 2, 6)
+    share = output_share(probs, values)
+    assert share.shape == (6,) and abs(float(share.sum()) - 1.0) < 1e-5
+    assert share[4:].abs().max() == 0  # keys after the query are unseen
+    # by hand: weight x |value| of the KV head each query head reads, over heads, normalised
+    by_hand = sum(probs[h // 2, h % 2] * values[h // 2].norm(dim=-1) for h in range(4))
+    assert torch.allclose(share, by_hand / by_hand.sum(), atol=1e-6)
+    # values of equal norm: the share is the mean attention weight
+    unit = values / values.norm(dim=-1, keepdim=True)
+    assert torch.allclose(output_share(probs, unit), probs.mean(dim=(0, 1)), atol=1e-6)
 
 
 def test_blend_config_validates_selector_and_coverage():
@@ -150,6 +156,8 @@ def test_blend_config_validates_selector_and_coverage():
         BlendConfig(selector="nope")
     with pytest.raises(ConfigError):
         BlendConfig(coverage=1.0)
+    with pytest.raises(ConfigError):
+        BlendConfig(probe_tail=0)
 
 
 DOCS = [
@@ -249,22 +257,93 @@ def test_blend_after_a_probe_equals_full_prefill_when_every_token_is_kept(engine
 
 
 @pytest.mark.slow
-def test_a_probe_too_dear_for_the_budget_falls_back_to_hkvd(engine_factory):
+def test_a_long_suffix_is_probed_by_its_tail_and_a_tiny_budget_falls_back_to_hkvd(
+        engine_factory):
+    """The probe may use half the budget: a short question is probed whole, a long one by its
+    last ``probe_tail`` tokens (SAMSum's dialogue), and with too small a budget for even those
+    HKVD selects."""
     from cacheblend.engine import GenerateRequest
     from cacheblend.request import RequestSettings
 
     engine = engine_factory()
     engine.ingest(DOCS, progress=False)
     long_question = "Where was the designer of the lighthouse born, and when? " * 8
-    for question, probed in (("Who?", True), (long_question, False)):
+    for question, ratio, probe in (("Who?", 0.3, "whole"), (long_question, 0.3, "tail"),
+                                   (long_question, 0.02, "none")):
         request = GenerateRequest(question=question, documents=DOCS, method="blend")
         settings = RequestSettings.resolve(
-            request, BlendConfig(selector="qa", probe_layers=30, check_ratios=(0.3,)), "bulk")
-        planned = engine.planner.plan(engine.segments_for(request), settings)
-        selector = planned.plan.checks[0][1]
-        assert (planned.plan.probe_layers == 30) is probed
-        assert isinstance(selector, QueryAttentionSelector if probed else HKVDSelector)
-        assert (planned.ratio < 0.3) is probed  # the probe's cost comes out of the ratio
+            request, BlendConfig(selector="qa", probe_layers=30, check_ratios=(ratio,)), "bulk")
+        segments = engine.segments_for(request)
+        planned = engine.planner.plan(segments, settings)
+        plan, selector = planned.plan, planned.plan.checks[0][1]
+        assert (plan.probe_layers == 30) is (probe != "none")
+        assert isinstance(selector, HKVDSelector if probe == "none" else QueryAttentionSelector)
+        assert (planned.ratio < ratio) is (probe != "none")  # the probe's cost comes out
+        if probe == "whole":
+            assert plan.probe_tokens == len(segments.suffix)
+        if probe == "tail":
+            assert plan.probe_tokens == BlendConfig().probe_tail < len(segments.suffix)
+            # the tail's token-layers against the chunk tokens x 29 layers after layer 0
+            spent = plan.probe_tokens * 30 / (plan.num_chunk_tokens * 29)
+            assert planned.ratio == pytest.approx(ratio - spent)
+            assert len(segments.suffix) * 30 / (plan.num_chunk_tokens * 29) > ratio / 2
+        if probe == "none":  # even the tail is more than half the budget
+            assert BlendConfig().probe_tail * 30 / (plan.num_chunk_tokens * 29) > ratio / 2
+    # ... and a tail-probed request runs end to end
+    request = GenerateRequest(question=long_question, documents=DOCS, method="blend",
+                              blend=BlendConfig(selector="qa", check_ratios=(0.3,)))
+    _, logits, stats = engine.prefill(request)
+    assert torch.isfinite(logits).all() and 0 < stats.recomputed_tokens < stats.chunk_tokens
+
+
+@pytest.mark.slow
+def test_a_tail_probe_reads_only_the_cached_rows_and_its_own_tokens(engine_factory):
+    """The suffix tokens a tail probe leaves out have no rows yet: whatever the request KV holds
+    there (NaN here) changes nothing. At layer 0 the last token's attention is checked by hand
+    against the cached rows and the tail's own keys."""
+    from cacheblend.blend.loader import LayerLoader
+    from cacheblend.blend.probe import probe_attention, suffix_count
+    from cacheblend.engine import GenerateRequest
+    from cacheblend.kv import RequestKV
+    from cacheblend.request import RequestSettings
+
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(DOCS, progress=False)
+    question = "Where was the designer of the lighthouse born, and when? " * 4
+    request = GenerateRequest(question=question, documents=DOCS, method="reuse")
+    plan = engine.planner.plan(engine.segments_for(request),
+                               RequestSettings.resolve(request, BlendConfig(), "bulk")).plan
+    runner, total = engine.runner, plan.ids.shape[0]
+    cached_end = total - suffix_count(plan.active, plan.chunk_spans)
+    tail = plan.active[-16:]
+    assert int(tail[0]) > cached_end  # some of the suffix is left out
+
+    def probe(fill: float, layers: int) -> torch.Tensor:
+        kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, total)
+        kv.keys.fill_(fill)
+        kv.values.fill_(fill)
+        loader = LayerLoader(plan.cached, runner.rope, kv)
+        with torch.inference_mode():
+            mass = probe_attention(runner, plan.ids, tail, kv, loader, layers, cached_end)
+        loader.close()
+        return mass, kv
+
+    (clean, _), (dirty, _) = probe(0.0, runner.num_layers), probe(float("nan"), runner.num_layers)
+    assert torch.isfinite(dirty).all() and torch.equal(clean, dirty)
+    assert float(clean[cached_end:].abs().sum()) == 0.0  # only the cached rows are ranked
+    assert 0.0 < float(clean.sum()) < 1.0  # the rest of the mass sits on the tail itself
+
+    first, kv = probe(0.0, 1)
+    with torch.inference_mode():
+        q, k, v = runner.project_qkv(0, runner.embed(plan.ids[tail]))
+        group = runner.num_heads // runner.num_kv_heads
+        keys = torch.cat([kv.keys[0, :, :cached_end], runner.rope.apply(k, tail)], dim=1)
+        values = torch.cat([kv.values[0, :, :cached_end], v], dim=1)
+        last_q = runner.rope.apply(q[:, -1:], tail[-1:])  # (H, 1, hd)
+        scores = torch.einsum("hd,htd->ht", last_q[:, 0], keys.repeat_interleave(group, dim=0))
+        probs = torch.softmax(scores * runner.head_dim**-0.5, dim=-1)  # (H, T')
+        share = (probs * values.norm(dim=-1).repeat_interleave(group, dim=0)).sum(0)
+    assert torch.allclose(first[:cached_end], (share / share.sum())[:cached_end], atol=1e-6)
 
 
 def test_suffix_probs_groups_query_heads_by_their_kv_head():
