@@ -1,21 +1,22 @@
 """The probe: a cheap pass of the suffix (the question) over the cached KV, before blending.
 
 Like ``reuse``, only the suffix is computed, against the cached chunk rows as they are, for the
-first ``layers`` layers; at each, the share of every position in the attention output of the
-prompt's last position (the one whose output is the first answer token: attention weight times
-value norm, ``select.output_share``) is kept, and its mean over the probed layers tells a
-query-aware selector which chunk tokens the answer reads (ProphetKV's first stage). The last position alone ranks better than the mean over all the suffix's queries: on 16
-MuSiQue / MultiNews development prompts, blend[qa]+probe30@0.15:L0 recovered 74% / 61% of reuse's
-KL with it against 69% / 46% with the mean (docs/results.md). It costs the suffix's tokens x
-``layers`` token-layers; the planner takes that out of the recompute budget, so a probed blend is
-compute-matched with an unprobed one at the same ratio. The suffix rows it writes are
-overwritten by the blend pass, which computes the suffix at every layer.
+first ``layers`` layers. At each, every position's share of the attention output of the
+prompt's last position (the one whose output is the first answer token) is kept: its attention
+weight times its value norm, over heads (``select.output_share``). The mean over the probed
+layers tells a query-aware selector which chunk tokens the answer reads (ProphetKV's first
+stage). On the development prompts (16 each of MuSiQue and MultiNews, docs/results.md), the last
+position ranked better than the mean over all the suffix's queries (74% / 61% of reuse's KL
+recovered at 15%, against 69% / 46%), and weighting by the value norm better than the weight
+alone (KL 0.069 / 0.102 against 0.080 / 0.109 at 12%).
 
-The probe may use up half the budget. A suffix too long for that (SAMSum's dialogue) is probed
-by as many of its last tokens as fit, which see the cached rows and each other but not the
-suffix tokens before them: on the first 16 SAMSum prompts this took the KL of the default from
-0.399 (HKVD at the same ratio, the fallback before) to 0.362, and from 0.206 to 0.152 in
-``prefix`` precompute mode (docs/results.md).
+It costs the suffix's tokens x ``layers`` token-layers; the planner takes that out of the
+recompute budget, so a probed blend is compute-matched with an unprobed one at the same ratio,
+and lets the probe use at most half of it. A suffix too long for that (SAMSum's dialogue) is
+probed by its last ``probe_tail`` tokens, which see the cached rows and each other but not the
+suffix before them (on the first 16 SAMSum prompts: KL 0.252 with the last 8 tokens, against
+0.399 for the HKVD fallback before). The suffix rows the probe writes are overwritten by the
+blend pass, which computes the suffix at every layer.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def probe_attention(runner: ModelRunner, ids: torch.Tensor, suffix: torch.Tensor
     over the first ``layers`` layers of a pass of ``suffix`` over the cached rows (T = ids' length).
 
     ``suffix`` is the suffix's tail that is probed: every suffix token, or, for a suffix too
-    long to probe within the budget, its last tokens. The tokens left out are not seen: the
+    long to probe within the budget, its last few. The tokens left out are not seen: the
     probed ones attend to the cached rows [0, ``cached_end``) and to each other (``cached_end``
     defaults to where ``suffix`` starts)."""
     total = ids.shape[0]
