@@ -36,10 +36,10 @@ class BlendConfig:
     dialogue) is probed by its last probe_tail tokens; if even those do not fit, HKVD selects.
     """
 
-    # The default, picked by measurement (docs/results.md, issue 12): the last position's
-    # attention from a probe of every layer ranks the chunk tokens, checked at layer 0, 12% of
-    # the chunk tokens (the probe's cost included). A request whose suffix is too long to probe
-    # gets HKVD at layer 1 and the same 12%.
+    # The default, picked by measurement (docs/results.md, issue 12): each chunk token's share
+    # of the last position's attention output, from a probe of every layer, ranks the chunk
+    # tokens, checked at layer 0, 12% of the chunk tokens (the probe's cost included). A suffix
+    # too long to probe whole is probed by its last probe_tail tokens.
     method: str = "blend"
     check_layers: tuple[int, ...] = (0,)
     check_ratios: tuple[float, ...] = (0.12,)
