@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from cacheblend.blend.fusor import FusionPlan, Fusor
 from cacheblend.blend.loader import CachedSpan
+from cacheblend.config import BlendConfig
 from cacheblend.decode import SamplingParams
 from cacheblend.engine import GenerateRequest
 from cacheblend.kv import RequestKV
@@ -78,6 +81,12 @@ def test_blend_selects_the_ratio_of_chunk_tokens(engine_factory):
     engine = engine_factory()
     engine.ingest(DOCS, progress=False)
     _, _, stats = engine.prefill(request("blend", ratio=0.15))
+    # The default's probe takes its token-layers out of the 15%: the rest is recomputed.
+    assert 0.0 < stats.ratio < 0.15
+    assert stats.recomputed_tokens == math.ceil(stats.ratio * stats.chunk_tokens)
+    hkvd = GenerateRequest(question=QUESTION, documents=DOCS, method="blend", ratio=0.15,
+                           blend=BlendConfig(selector="hkvd", check_layers=(1,)))
+    _, _, stats = engine.prefill(hkvd)
     assert stats.recomputed_tokens == -(-15 * stats.chunk_tokens // 100)  # ceil(0.15 x chunk)
     _, _, epic = engine.prefill(request("epic"))
     assert epic.recomputed_tokens == 16 * len(DOCS)

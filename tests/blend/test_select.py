@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -195,7 +197,9 @@ def test_each_selector_recomputes_its_ratio_in_a_real_prefill(engine_factory, na
     request = GenerateRequest(question="Who designed it?", documents=DOCS, method="blend",
                               blend=BlendConfig(selector=name, check_ratios=(0.2,)))
     stats = engine.prefill(request)[2]
-    assert stats.recomputed_tokens == -(-stats.chunk_tokens * 2 // 10)
+    # A query-aware selector's probe takes its token-layers out of the 20%: the rest is kept.
+    assert stats.ratio == 0.2 if name == "hkvd" else 0.0 < stats.ratio < 0.2
+    assert stats.recomputed_tokens == math.ceil(stats.ratio * stats.chunk_tokens)
 
 
 def test_probe_cost_comes_out_of_the_budget():
