@@ -115,6 +115,9 @@ def plans(cached: list[CachedSpan]) -> dict[str, FusionPlan]:
                             [(1, HKVDSelector(0.15))]),
         "blend-probed": FusionPlan(ids, torch.cat([chunk_positions, suffix]), cached, SPANS,
                                    [(0, QueryAttentionSelector(0.12))], probe_layers=99),
+        "blend-tail-probed": FusionPlan(ids, torch.cat([chunk_positions, suffix]), cached, SPANS,
+                                        [(0, QueryAttentionSelector(0.12))], probe_layers=99,
+                                        probe_tokens=2),  # a long suffix: its last 2 tokens
         "blend-gradual": FusionPlan(ids, torch.cat([chunk_positions, suffix]), cached, SPANS,
                                     [(1, UnionSelector(HKVDSelector(0.3), FirstKSelector(2))),
                                      (2, HKVDSelector(0.15))]),
