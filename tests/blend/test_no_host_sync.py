@@ -164,6 +164,7 @@ def test_fused_prefill_never_reads_the_device(kind, loading, monkeypatch):
     # The default's shape: a probe of every layer, then the last position's attention ranks at
     # layer 0, a fixed budget: no read either.
     assert results["blend-probed"].active_per_layer == [SUFFIX + math.ceil(0.12 * 46)] * layers
+    assert results["blend-tail-probed"].active_per_layer == results["blend-probed"].active_per_layer
     assert results["prefix"].captured is not None and len(results["prefix"].captured) == layers
     assert len(syncs) == 1  # only the union selector's check layer reads back, once
 
