@@ -127,7 +127,7 @@ class _Pass:
     captured: list | None
     active_per_layer: list[int] = field(default_factory=list)
     computed: torch.Tensor | None = None
-    probed: torch.Tensor | None = None  # (T,) the last position's attention from a probe
+    probed: torch.Tensor | None = None  # (T,) the last position's output shares from a probe
 
     @property
     def n(self) -> int:

@@ -129,8 +129,9 @@ class Planner:
         would buy, as the budget left recomputes more: docs/results.md)."""
         if not layers:
             return 0
-        after = self.num_layers - min(blend.check_layers[-1], self.num_layers - 1) - 1
-        fits = int(blend.ratio / 2 * chunk_tokens * max(1, after) / min(layers, self.num_layers))
+        # The inverse of _probe_cost: the most token-layers half the ratio buys, per probed layer.
+        fits = int(blend.ratio / 2 * self._token_layers_after(chunk_tokens, blend)
+                   / min(layers, self.num_layers))
         if suffix_tokens <= fits:
             return suffix_tokens
         return blend.probe_tail if blend.probe_tail <= fits else 0
@@ -138,9 +139,13 @@ class Planner:
     def _probe_cost(self, layers: int, suffix_tokens: int, chunk_tokens: int, blend) -> float:
         """The probe's token-layers (suffix x probed layers) as a share of the chunk tokens x
         layers after the last check: the ratio it uses up, so the budget stays compute-matched."""
-        after = self.num_layers - min(blend.check_layers[-1], self.num_layers - 1) - 1
         probed = suffix_tokens * min(layers, self.num_layers)
-        return probed / max(1, chunk_tokens * after)
+        return probed / self._token_layers_after(chunk_tokens, blend)
+
+    def _token_layers_after(self, chunk_tokens: int, blend) -> int:
+        """The chunk tokens x layers after the last check (at least 1): what a ratio is of."""
+        after = self.num_layers - min(blend.check_layers[-1], self.num_layers - 1) - 1
+        return max(1, chunk_tokens * after)
 
     def _lookup_chunks(self, segments: Segments, settings: RequestSettings):
         """(spans, lookup, ratio): entries for the prefix and every chunk (misses computed and

@@ -210,6 +210,14 @@ def test_probe_cost_comes_out_of_the_budget():
     # 36 suffix tokens x 30 probed layers against 1920 chunk tokens x 28 layers after the check
     assert planner._probe_cost(30, 36, 1920, blend) == pytest.approx(36 * 30 / (1920 * 28))
     assert planner._probe_cost(99, 36, 1920, blend) == planner._probe_cost(30, 36, 1920, blend)
+    # _probe_tokens is _probe_cost's inverse: what it picks costs at most half the ratio
+    for check, suffix, chunks in ((0, 36, 1920), (0, 400, 1920), (1, 50, 300), (29, 5, 10000)):
+        config = BlendConfig(check_layers=(check,))
+        tokens = planner._probe_tokens(30, suffix, chunks, config)
+        assert tokens in (suffix, config.probe_tail, 0)
+        assert planner._probe_cost(30, tokens, chunks, config) <= config.ratio / 2
+    # a check at the last layer leaves no layers to pay for a probe: none (HKVD selects)
+    assert planner._probe_tokens(30, 5, 10000, BlendConfig(check_layers=(29,))) == 0
     depth = planner.probe_depth
     assert depth(BlendConfig(selector="qa", probe_layers=-1)) == 30  # -1: every layer
     assert depth(BlendConfig(selector="qa", probe_layers=99)) == 30
