@@ -39,8 +39,7 @@ def tail_by_share(share: float, hkvd: bool):
     def probe_tokens(self, layers, suffix_tokens, chunk_tokens, blend) -> int:
         if not layers:
             return 0
-        after = self.num_layers - min(blend.check_layers[-1], self.num_layers - 1) - 1
-        fits = int(blend.ratio * share * chunk_tokens * max(1, after)
+        fits = int(blend.ratio * share * self._token_layers_after(chunk_tokens, blend)
                    / min(layers, self.num_layers))
         if suffix_tokens <= fits or not hkvd:
             return min(suffix_tokens, fits)

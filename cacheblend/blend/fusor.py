@@ -259,8 +259,8 @@ class Fusor:
 
         A query-aware selector also gets each chunk token's share of the last position's
         attention output at this layer (its query against the fresh K/V of the computed rows,
-        cached K/V elsewhere): the suffix computes that attention anyway, so it costs T scores, no extra
-        layer; or, with a probe pass (``state.probed``, blend/probe.py), the probe's attention."""
+        cached K/V elsewhere): the suffix computes that attention anyway, so it costs T scores,
+        no extra layer; or, with a probe pass (``state.probed``, blend/probe.py), the probe's."""
         positions, n, candidates_n = state.positions, state.n, state.num_candidates
         in_chunk = state.in_chunk[positions]  # (n,)
         keep = ~in_chunk

@@ -15,8 +15,9 @@ recompute budget, so a probed blend is compute-matched with an unprobed one at t
 and lets the probe use at most half of it. A suffix too long for that (SAMSum's dialogue) is
 probed by its last ``probe_tail`` tokens, which see the cached rows and each other but not the
 suffix before them (on the first 16 SAMSum prompts, ranking by weight alone: KL 0.261 with the
-last 8 tokens, against 0.399 for the HKVD fallback before; 0.233 with the output share). The suffix rows the probe writes are overwritten by the
-blend pass, which computes the suffix at every layer.
+last 8 tokens, against 0.399 for the HKVD fallback before; 0.233 with the output share). The
+suffix rows the probe writes are overwritten by the blend pass, which computes the suffix at
+every layer.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A selector sees the candidates (chunk tokens still being computed) with, when it asks for them,
 their KV deviation at the check layer (``needs_deviation``) and each one's share of the attention
 output of the prompt's last position (``needs_attention``, ``output_share``: at that layer, or
-from a probe of the suffix, blend/probe.py), and returns which to keep. Selectors combine: ``UnionSelector`` keeps what any member keeps (for example HKVD plus the first k
-tokens of each chunk).
+from a probe of the suffix, blend/probe.py), and returns which to keep. Selectors combine:
+``UnionSelector`` keeps what any member keeps (for example HKVD plus the first k tokens of each
+chunk).
 
 Every ranked selector scores the candidates and keeps ``budget`` of them, where the budget is
 ``ceil(ratio x chunk tokens)`` (fixed), or, with ``coverage`` c > 0 (adaptive), the smallest
