@@ -50,8 +50,13 @@ class BlendConfig:
     probe_tail: int = 8  # a long suffix: probe its last 8 tokens (picked on 16 SAMSum prompts)
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     epic_k: int = 16
-    precompute: str = "preamble"  # measured best for blend: docs/benchmarks.md
-    preamble: str = "Document:\n"
+    # Chunks are precomputed after the request's prefix (system prompt and instruction): with
+    # the query-aware default, best or level on every dataset (docs/results.md, round 3). An
+    # entry is keyed by its context, so a request under another prefix borrows the entry
+    # stored under the engine's default prefix, or the preamble, when its own is missing.
+    precompute: str = "prefix"
+    preamble: str = "Document:\n"  # the context of "preamble" mode
+    borrow: bool = True  # prefix mode: on a miss, read the chunk's entry under another context
     min_ratio: float = 0.0
     fallback: bool = True  # full prefill when too many chunk tokens miss for blend to pay
 
@@ -76,6 +81,8 @@ class BlendConfig:
             raise ConfigError("check_ratios must not increase (each check layer narrows the set)")
         if self.epic_k < 0 or self.first_k < 0:
             raise ConfigError("epic_k and first_k must be >= 0")
+        if not isinstance(self.borrow, bool):
+            raise ConfigError(f"borrow must be true or false, got {self.borrow!r}")
         if self.probe_tail < 1:
             raise ConfigError("probe_tail must be >= 1")
         if self.probe_layers < -1:

@@ -90,7 +90,7 @@ class Engine:
         self.store = store
         self.fusor = Fusor(self.runner, self.controller)
         self.chunks = ChunkCache(self.fusor, store, self.fingerprint, self.prompts,
-                                 self.config.store_codec)
+                                 self.config.store_codec, self.default_prefix())
         self.planner = Planner(self.chunks, self.controller, self.runner.num_layers)
         self.prefiller = Prefiller(self.config, self.runner, self.fusor, self.planner,
                                    self.controller, self.segments_for)
@@ -166,7 +166,7 @@ class Engine:
             key = self.chunks.chunk_key(preamble, chunk)
             cached = self.store.get(key) is not None
             if not cached:
-                yield from self.chunks.precompute_steps(preamble, chunk, blend)
+                yield from self.chunks.precompute_steps(preamble, chunk)
             results.append(IngestResult(key=key, num_tokens=len(chunk), cached=cached))
             if on_document is not None:
                 on_document(1)

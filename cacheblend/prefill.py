@@ -119,6 +119,7 @@ class Prefiller:
             recomputed_tokens=int(cached_rows[computed.cpu()].sum()),
             computed_tokens=int(computed.shape[0]),
             missed_tokens=lookup.missed_tokens,
+            borrowed_tokens=lookup.borrowed_tokens,
             ttft_s=elapsed,
             prefill_s=elapsed - lookup.miss_s,
             miss_s=lookup.miss_s,
@@ -145,7 +146,7 @@ class Prefiller:
                     self.chunks.ensure_prefix(segments.prefix)
                     preamble = self.chunks.preamble_for(segments.prefix, blend)
                     for index in lookup.deferred:
-                        self.chunks.precompute(preamble, segments.chunks[index], blend)
+                        self.chunks.precompute(preamble, segments.chunks[index])
             except Exception:  # the answer stands; a later request recomputes what is missing
                 log.exception("storing the KV a request computed failed")
             seq.stats.store_s = time.perf_counter() - start

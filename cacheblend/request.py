@@ -64,7 +64,9 @@ class RequestStats:
     """Token counts add up: ``reused_tokens + computed_tokens == prompt_tokens``; of the
     computed ones, ``recomputed_tokens`` had a cached row (selected by the fusor).
     ``missed_tokens`` counts chunk/prefix tokens that had no entry (computed and stored first;
-    they are reused afterwards, so they are part of ``reused_tokens`` too)."""
+    they are reused afterwards, so they are part of ``reused_tokens`` too). ``borrowed_tokens``
+    counts chunk tokens that missed under the request's own context but were read from an entry
+    stored under another (``BlendConfig.borrow``): hits, not misses."""
 
     method: str
     ratio: float | None
@@ -87,6 +89,8 @@ class RequestStats:
     queue_s: float = 0.0  # waiting before the prefill started
     prefill_slices: int = 0  # steps the prefill was split over (chunked prefill)
     prefix_reused_tokens: int = 0  # of reused_tokens, those from exact-prefix entries
+    # chunk tokens read from an entry precomputed after another context (BlendConfig.borrow)
+    borrowed_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -28,12 +28,13 @@ class ChunkCache:
     """Computes chunk / prefix KV with the runner and reads and writes it in the store."""
 
     def __init__(self, fusor: Fusor, store: KVStore, fingerprint: str,
-                 prompts: PromptBuilder, codec: str) -> None:
+                 prompts: PromptBuilder, codec: str, default_prefix: tuple[int, ...] = ()) -> None:
         self.fusor = fusor
         self.store = store
         self.fingerprint = fingerprint
         self.prompts = prompts
         self.dtype = STORE_DTYPES[codec]
+        self.default_prefix = default_prefix  # the engine's: ingest precomputes after it
 
     # --- keys ---------------------------------------------------------------------------------
 
@@ -51,6 +52,20 @@ class ChunkCache:
     def chunk_key(self, preamble: tuple[int, ...], chunk: tuple[int, ...]) -> str:
         return chunk_key(self.fingerprint, preamble, chunk)
 
+    def borrow_preambles(self, preamble: tuple[int, ...], blend: BlendConfig
+                         ) -> list[tuple[int, ...]]:
+        """The other contexts a chunk's entry may sit under, tried in order when the chunk
+        misses under ``preamble`` (``blend.borrow``, ``prefix`` mode only): the engine's default
+        prefix, where ingest and uploads precompute documents, then the configured preamble
+        (entries a ``preamble``-mode engine stored). A request with another system prompt or
+        instruction, or a chat whose earlier turns make its prefix new, then reads the stored
+        entry, and blending corrects it as it corrects any entry, instead of computing the
+        chunk again."""
+        if blend.precompute != "prefix" or not blend.borrow:
+            return []
+        others = (self.default_prefix, self.prompts.template_ids(blend.preamble))
+        return [p for p in dict.fromkeys(others) if p and p != preamble]
+
     def prefix_key(self, before: tuple[int, ...], piece: tuple[int, ...]) -> str:
         return prefix_key(self.fingerprint, before, piece)
 
@@ -59,6 +74,20 @@ class ChunkCache:
         entries = [self.store.get(self.prefix_key((), segments.prefix))] if segments.prefix \
             else [None]
         return entries + [self.store.get(self.chunk_key(preamble, c)) for c in segments.chunks]
+
+    def borrow(self, chunks: tuple[tuple[int, ...], ...], entries: list[ChunkKV | None],
+               preamble: tuple[int, ...], blend: BlendConfig) -> dict[int, ChunkKV]:
+        """{index: entry} for the chunks that missed (``entries[i]`` None) but are stored under
+        one of ``borrow_preambles``."""
+        borrowed: dict[int, ChunkKV] = {}
+        others = self.borrow_preambles(preamble, blend)
+        for index, (chunk, entry) in enumerate(zip(chunks, entries)):
+            for other in others if entry is None else ():
+                found = self.store.get(self.chunk_key(other, chunk))
+                if found is not None:
+                    borrowed[index] = found
+                    break
+        return borrowed
 
     # --- compute and store --------------------------------------------------------------------
 
@@ -82,21 +111,19 @@ class ChunkCache:
     def _prefill(self, ids: tuple[int, ...]) -> LayerKV:
         return run_to_end(self._prefill_steps(ids))
 
-    def precompute_steps(self, preamble: tuple[int, ...], chunk: tuple[int, ...],
-                         blend: BlendConfig) -> Generator[int, None, ChunkKV]:
-        """Compute a chunk after its preamble and store it (and the preamble as a prefix entry
-        in ``prefix`` mode), pausing after each layer; returns the chunk's entry."""
+    def precompute_steps(self, preamble: tuple[int, ...], chunk: tuple[int, ...]
+                         ) -> Generator[int, None, ChunkKV]:
+        """Compute a chunk after its preamble and store it, pausing after each layer; returns
+        the chunk's entry. (The prefix entry is the callers' business: ``compute_prefix`` or
+        ``ensure_prefix`` stores it once, not once per chunk.)"""
         kv = yield from self._prefill_steps(preamble + chunk)
         entry = self.to_entry(kv, len(preamble), len(preamble) + len(chunk))
         self.store.put(self.chunk_key(preamble, chunk), entry)
-        if preamble and blend.precompute == "prefix":
-            self.store.put(self.prefix_key((), preamble), self.to_entry(kv, 0, len(preamble)))
         return entry
 
-    def precompute(self, preamble: tuple[int, ...], chunk: tuple[int, ...],
-                   blend: BlendConfig) -> ChunkKV:
+    def precompute(self, preamble: tuple[int, ...], chunk: tuple[int, ...]) -> ChunkKV:
         """As ``precompute_steps``, at once."""
-        return run_to_end(self.precompute_steps(preamble, chunk, blend))
+        return run_to_end(self.precompute_steps(preamble, chunk))
 
     def compute_prefix(self, prefix: tuple[int, ...]) -> ChunkKV:
         """Compute and store the exact KV of the prefix at position 0."""

@@ -38,6 +38,7 @@ class Lookup:
     """What the store gave for a request's segments."""
 
     missed_tokens: int = 0
+    borrowed_tokens: int = 0  # chunk tokens read from an entry stored under another context
     miss_s: float = 0.0
     load_s: float = 0.0
     load_bytes: int = 0
@@ -155,6 +156,10 @@ class Planner:
         lookup = Lookup()
         start = time.perf_counter()
         entries = self.chunks.probe(segments, preamble)
+        borrowed = self.chunks.borrow(segments.chunks, entries[1:], preamble, blend)
+        for index, entry in borrowed.items():
+            entries[index + 1] = entry
+        lookup.borrowed_tokens = sum(len(segments.chunks[i]) for i in borrowed)
         lookup.load_s = time.perf_counter() - start
         lookup.load_bytes = sum(e.nbytes for e in entries if e is not None)
         self.controller.observe_load(lookup.load_bytes, lookup.load_s)
@@ -178,7 +183,7 @@ class Planner:
             spans.append(CachedSpan(0, prefix_entry))
         for (begin, _), chunk, entry in zip(segments.chunk_spans(), segments.chunks, entries[1:]):
             if entry is None:
-                entry = self.chunks.precompute(preamble, chunk, blend)
+                entry = self.chunks.precompute(preamble, chunk)
             spans.append(CachedSpan(begin, entry))
         lookup.miss_s = time.perf_counter() - start if lookup.missed_tokens else 0.0
         return spans, lookup, decision.ratio

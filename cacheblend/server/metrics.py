@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
-TOKEN_KINDS = ("prompt", "completion", "reused", "recomputed", "computed", "missed")
+TOKEN_KINDS = ("prompt", "completion", "reused", "recomputed", "computed", "missed",
+               "borrowed")
 
 
 def served_method(stats: dict) -> str:
@@ -113,7 +114,8 @@ class ServerMetrics:
         self.tokens = Counter(
             "cacheblend_tokens",
             "Tokens by kind: prompt, completion, "
-            "reused (KV from cache), recomputed, computed, missed (no entry)",
+            "reused (KV from cache), recomputed, computed, missed (no entry), borrowed (an "
+            "entry stored under another context: BlendConfig.borrow)",
             ["kind"],
             registry=registry,
         )
@@ -172,6 +174,7 @@ class ServerMetrics:
         tokens.labels(kind="recomputed").inc(stats.get("recomputed_tokens", 0))
         tokens.labels(kind="computed").inc(stats.get("computed_tokens", 0))
         tokens.labels(kind="missed").inc(stats.get("missed_tokens", 0))
+        tokens.labels(kind="borrowed").inc(stats.get("borrowed_tokens", 0))
         prefix = stats.get("prefix_reused_tokens", 0)
         self.prefix_reused.inc(prefix)
         self.chunk_reused.inc(stats.get("reused_tokens", 0) - prefix)

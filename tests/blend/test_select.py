@@ -410,5 +410,7 @@ def test_the_hkvd_config_file_is_cacheblends_own_selection():
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "hkvd.yaml"
     assert load_config(path).blend == BlendConfig(selector="hkvd", probe_layers=0,
-                                                  check_layers=(1,), check_ratios=(0.15,))
+                                                  check_layers=(1,), check_ratios=(0.15,),
+                                                  precompute="preamble")
     assert BlendConfig().selector == "qa" and BlendConfig().probe_layers == -1
+    assert BlendConfig().precompute == "prefix"

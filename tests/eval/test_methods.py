@@ -52,8 +52,8 @@ def test_precompute_modes_and_labels():
     spec = parse_method("reuse/sink")
     assert (spec.label, spec.precompute) == ("reuse/sink", "sink")
     assert parse_method("blend", "alone").label == "blend/alone"
-    assert parse_method("blend", "preamble").label == "blend"  # the default mode: plain label
-    assert parse_method("blend", "prefix").label == "blend/prefix"
+    assert parse_method("blend", "prefix").label == "blend"  # the default mode: plain label
+    assert parse_method("blend", "preamble").label == "blend/preamble"
     assert parse_method("full", "sink").label == "full"  # full reads no chunk entries
     assert parse_method("blend@0.05/sink", "alone").precompute == "sink"  # own mode wins
 
@@ -61,7 +61,7 @@ def test_precompute_modes_and_labels():
 def test_parse_methods_list():
     labels = [s.label for s in parse_methods("full,blend@0.15:L1=0.3,L4,epic@32")]
     assert labels == ["full", "blend@0.15:L1=0.3,L4", "epic@32"]
-    labels = [s.label for s in parse_methods("full,reuse,blend", ["alone", "sink", "preamble"])]
+    labels = [s.label for s in parse_methods("full,reuse,blend", ["alone", "sink", "prefix"])]
     assert labels == ["full", "reuse/alone", "reuse/sink", "reuse", "blend/alone",
                       "blend/sink", "blend"]
     assert [s.label for s in parse_methods("blend,blend, ,full")] == ["blend", "full"]
@@ -91,7 +91,7 @@ def test_selectors_coverage_and_probe():
     config = spec.blend_config(BlendConfig())
     assert (config.selector, config.coverage, config.probe_layers) == ("qkvd", 0.9, 30)
     assert config.check_layers == (2,) and config.ratio == 0.15
-    assert parse_method("blend[qa]@0.05/prefix").label == "blend[qa]@0.05/prefix"
+    assert parse_method("blend[qa]@0.05/preamble").label == "blend[qa]@0.05/preamble"
     every = parse_method("blend[qa]+probe@0.12:L0")  # "+probe" alone: every layer
     assert every.label == "blend[qa]+probe@0.12:L0"
     assert every.blend_config(BlendConfig()).probe_layers == -1
