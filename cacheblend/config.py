@@ -34,6 +34,10 @@ class BlendConfig:
     layers first (-1: every layer) and rank by that attention (its cost is taken out of the
     ratio). probe_tail: a suffix too long to probe whole within half the budget (SAMSum's
     dialogue) is probed by its last probe_tail tokens; if even those do not fit, HKVD selects.
+    precompute: the context a chunk is computed after before it is stored (PRECOMPUTE_MODES:
+    nothing, one BOS token, ``preamble``, or the request's prefix); it is part of the entry's
+    key. borrow: in ``prefix`` mode, a chunk missing under the request's prefix is read from its
+    entry under the engine's default prefix or the preamble, when stored (blend/chunks.py).
     """
 
     # The default, picked by measurement (docs/results.md, issue 12): each chunk token's share

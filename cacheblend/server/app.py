@@ -370,7 +370,7 @@ def create_app(
             raise ApiError(
                 400,
                 f"documents[{index}] has {tokens} tokens; the model allows at "
-                f"most {engine.runner.max_positions - 1} with its preamble",
+                f"most {engine.runner.max_positions - 1} with the context it is precomputed after",
                 param=f"documents[{index}]",
                 code="document_too_long",
             )

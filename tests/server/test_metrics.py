@@ -42,7 +42,7 @@ def test_metrics_follow_requests(http, model_name):
         assert delta("cacheblend_time_to_first_token_seconds_count", method=method) == count
         assert delta("cacheblend_request_latency_seconds_count", method=method) == count
         assert delta("cacheblend_request_latency_seconds_sum", method=method) > 0
-    for kind in ("reused", "recomputed", "missed", "computed", "prompt", "completion"):
+    for kind in ("reused", "recomputed", "missed", "borrowed", "computed", "prompt", "completion"):
         want = sum(s[f"{kind}_tokens"] for s in stats)
         assert delta("cacheblend_tokens_total", kind=kind) == want, kind
     assert delta("cacheblend_requests_total", endpoint="/v1/chat/completions", status="200") == 2
