@@ -134,6 +134,17 @@ class Engine:
         preamble = self.preamble_for(self.default_prefix(), blend)
         return self.chunks.chunk_key(preamble, self.prompts.chunk_ids(text))
 
+    def document_keys(self, text: str, blend: BlendConfig | None = None) -> list[str]:
+        """``document_key`` and the keys a request may borrow ``text``'s entry from (the
+        preamble's, in prefix mode): what deleting a document drops. Entries that requests
+        under other prefixes computed for themselves (when nothing could be borrowed) are keyed
+        by those prefixes; they leave by the store's eviction or TTL."""
+        blend = blend or self.config.blend
+        preamble = self.preamble_for(self.default_prefix(), blend)
+        chunk = self.prompts.chunk_ids(text)
+        return [self.chunks.chunk_key(p, chunk)
+                for p in (preamble, *self.chunks.borrow_preambles(preamble, blend))]
+
     def document_tokens(self, text: str, blend: BlendConfig | None = None) -> tuple[int, int]:
         """(tokens of the document, tokens with its preamble): what ingest computes."""
         blend = blend or self.config.blend

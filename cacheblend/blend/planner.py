@@ -159,7 +159,6 @@ class Planner:
         borrowed = self.chunks.borrow(segments.chunks, entries[1:], preamble, blend)
         for index, entry in borrowed.items():
             entries[index + 1] = entry
-        lookup.borrowed_tokens = sum(len(segments.chunks[i]) for i in borrowed)
         lookup.load_s = time.perf_counter() - start
         lookup.load_bytes = sum(e.nbytes for e in entries if e is not None)
         self.controller.observe_load(lookup.load_bytes, lookup.load_s)
@@ -173,6 +172,7 @@ class Planner:
         if decision.method == "full":
             lookup.deferred = missed
             return None, lookup, decision.ratio
+        lookup.borrowed_tokens = sum(len(segments.chunks[i]) for i in borrowed)
         start = time.perf_counter()
         spans = []
         prefix_entry = entries[0]

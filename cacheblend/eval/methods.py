@@ -105,8 +105,9 @@ class MethodSpec:
         return config
 
     def request_blend(self, engine) -> BlendConfig:
-        """The BlendConfig a request carries to be served as this spec."""
-        return self.blend_config(engine.config.blend)
+        """The BlendConfig a request carries to be served as this spec. It never borrows: a
+        row measures entries computed in its own precompute mode, whichever modes ran first."""
+        return replace(self.blend_config(engine.config.blend), borrow=False)
 
 
 _MODIFIER = re.compile(

@@ -243,6 +243,7 @@ def _row(example: Example, spec: MethodSpec, result: GenerateResult, reference: 
         "recomputed_tokens": stats.recomputed_tokens,
         "reused_tokens": stats.reused_tokens,
         "missed_tokens": stats.missed_tokens,
+        "borrowed_tokens": stats.borrowed_tokens,
         "computed_frac": stats.computed_tokens / max(1, stats.prompt_tokens),
         "recomputed_frac": stats.recomputed_tokens / max(1, stats.chunk_tokens),
         "time": time.time(),

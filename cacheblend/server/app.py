@@ -426,7 +426,8 @@ def create_app(
 
     @app.delete("/v1/documents/{document_id}", response_model=DocumentDeleted, responses=ERRORS)
     async def delete_document(document_id: str = Path(pattern=DOCUMENT_ID_PATTERN)) -> dict:
-        """Forget a document and drop its KV entry (a later use recomputes it)."""
+        """Forget a document and drop its KV entries, its own and the one a request could
+        borrow (a later use recomputes it)."""
         stored = await stored_document(document_id)
         problem = await _wait(submit(lambda: _delete_checked(engine, stored.text), True))
         if problem:
@@ -495,10 +496,12 @@ def _not_stored(engine: Engine, result) -> str | None:
 
 
 def _delete_checked(engine: Engine, text: str) -> str | None:
-    """Drop a document's KV entry from every tier; why not, if a tier cannot be reached."""
+    """Drop a document's KV entries (``Engine.document_keys``) from every tier; why not, if a
+    tier cannot be reached."""
     problems = store_problems(engine.store, write=False)
     if problems:
         return "; ".join(problems)
-    engine.store.delete(engine.document_key(text))
+    for key in engine.document_keys(text):
+        engine.store.delete(key)
     return None
 

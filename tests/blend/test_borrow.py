@@ -50,13 +50,57 @@ def test_a_request_under_another_system_prompt_borrows_the_ingested_entries(engi
     assert (stats.borrowed_tokens, stats.missed_tokens) == (0, 0)
 
 
-def test_borrowed_entries_blended_at_ratio_one_equal_a_full_prefill(engine_factory):
-    engine = engine_factory(store_codec="fp32", blend={"fallback": False})
+def test_a_borrowed_entry_is_read_as_if_it_were_the_requests_own(engine_factory):
+    """reuse reads every chunk row as stored: borrowing the default prefix's entries gives the
+    logits of an engine holding those same entries under the request's own prefix (placed and
+    rotated alike), and not those of entries computed under that prefix."""
+    lender = engine_factory(store_codec="fp32", blend={"fallback": False})
+    lender.ingest(DOCS, progress=False)
+    _, borrowed, stats = lender.prefill(request(OTHER_SYSTEM, method="reuse"))
+    assert stats.borrowed_tokens == stats.chunk_tokens and stats.method == "reuse"
+
+    own = engine_factory(store_codec="fp32", blend={"fallback": False, "borrow": False})
+    other = own.segments_for(request(OTHER_SYSTEM))
+    default = lender.default_prefix()
+    for chunk in other.chunks:
+        entry = lender.store.get(lender.chunks.chunk_key(default, chunk))
+        own.store.put(own.chunks.chunk_key(other.prefix, chunk), entry)
+    _, placed, stats = own.prefill(request(OTHER_SYSTEM, method="reuse"))
+    assert (stats.borrowed_tokens, stats.missed_tokens) == (0, len(other.prefix))
+    assert (borrowed - placed).abs().max().item() <= 1e-5
+
+    native = engine_factory(store_codec="fp32", blend={"fallback": False, "borrow": False})
+    native.prefill(request(OTHER_SYSTEM, method="reuse"))  # computes its own entries
+    _, computed, _ = native.prefill(request(OTHER_SYSTEM, method="reuse"))
+    assert (borrowed - computed).abs().max().item() > 1e-3  # the context shows: entries differ
+
+
+def test_a_request_that_falls_back_to_full_borrows_nothing(engine_factory):
+    engine = engine_factory()
+    short = "Port Alder is small."
+    engine.ingest([short], progress=False)  # the long document misses: a full prefill is cheaper
+    _, _, stats = engine.prefill(GenerateRequest(question=QUESTION, documents=[short, DOCS[0]],
+                                                 method="blend", system=OTHER_SYSTEM))
+    assert stats.method == "full" and stats.borrowed_tokens == 0
+    # The same lookup under blend (no fallback) borrows the short document.
+    _, _, stats = engine.prefill(GenerateRequest(
+        question=QUESTION, documents=[short, DOCS[1]], method="blend", system=OTHER_SYSTEM,
+        blend=BlendConfig(fallback=False)))
+    assert stats.method == "blend" and 0 < stats.borrowed_tokens < stats.chunk_tokens
+
+
+def test_deleting_a_document_drops_the_entry_a_request_could_borrow(engine_factory):
+    store = MemoryStore()
+    engine_factory(store=store, blend={"precompute": "preamble"}).ingest(DOCS, progress=False)
+    engine = engine_factory(store=store)
     engine.ingest(DOCS, progress=False)
-    _, full_logits, _ = engine.prefill(request(OTHER_SYSTEM, method="full"))
-    _, logits, stats = engine.prefill(request(OTHER_SYSTEM, ratio=1.0))
-    assert stats.borrowed_tokens > 0 and stats.recomputed_tokens == stats.chunk_tokens
-    assert (logits - full_logits).abs().max().item() <= 1e-4
+    keys = engine.document_keys(DOCS[0])
+    assert keys[0] == engine.document_key(DOCS[0]) and len(keys) == 2
+    assert all(store.contains(k) for k in keys)
+    for key in keys:
+        store.delete(key)
+    _, _, stats = engine.prefill(request(OTHER_SYSTEM, fallback=False))
+    assert stats.borrowed_tokens == sum(len(c) for c in engine.segments_for(request()).chunks[1:])
 
 
 def test_without_borrow_the_chunks_are_computed_under_the_request_prefix(engine_factory):

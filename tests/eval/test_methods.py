@@ -98,3 +98,15 @@ def test_selectors_coverage_and_probe():
     for bad in ("blend[nope]", "blend~1.5", "reuse[qa]", "epic[qa]", "blend[qa][qkvd]"):
         with pytest.raises(MethodSpecError):
             parse_method(bad)
+
+
+def test_eval_requests_never_borrow():
+    """A row measures entries of its own precompute mode, even when another mode ran first."""
+    from types import SimpleNamespace
+
+    from cacheblend.config import BlendConfig
+
+    engine = SimpleNamespace(config=SimpleNamespace(blend=BlendConfig()))
+    for text in ("reuse", "blend", "blend/preamble", "epic"):
+        assert parse_method(text).request_blend(engine).borrow is False
+    assert BlendConfig().borrow is True  # serving borrows
