@@ -414,3 +414,5 @@ def test_the_hkvd_config_file_is_cacheblends_own_selection():
                                                   precompute="preamble")
     assert BlendConfig().selector == "qa" and BlendConfig().probe_layers == -1
     assert BlendConfig().precompute == "prefix"
+    preamble = load_config(path.with_name("preamble.yaml")).blend  # rounds 1-2's mode
+    assert preamble == BlendConfig(precompute="preamble")
