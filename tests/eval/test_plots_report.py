@@ -82,3 +82,15 @@ def test_selection_table_reports_recovery_against_best_reuse():
     assert "best precompute mode here: `reuse`" in text
     assert "| 75% [65, 85] | 1/2 |" in text
     assert "| 3.00x |" in text  # full's TTFT over blend's
+
+
+def test_the_ttft_yardstick_is_cacheblends_setting_under_any_of_its_labels():
+    """HKVD@0.15:L1 in preamble mode, named with its mode since prefix became the default."""
+    from cacheblend.eval.report import selection_table
+
+    data = summary()
+    hkvd = dict(data["methods"]["blend"], ttft_s=2.0)
+    data["methods"]["blend[hkvd]@0.15:L1/preamble"] = hkvd
+    text = selection_table(data)
+    assert "TTFT / `blend[hkvd]@0.15:L1/preamble`" in text
+    assert "| 1.50x |" in text  # full's TTFT (3.0) over the yardstick's (2.0), not blend's (1.0)

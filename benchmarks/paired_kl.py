@@ -1,0 +1,43 @@
+"""Paired comparison of two methods of one eval run: the per-example difference of their
+first-token KL (A - B; negative: A is closer to full prefill), its mean with a 90% bootstrap
+interval, and on how many examples A is the better one.
+
+    .venv/bin/python benchmarks/paired_kl.py runs/sel4 'blend[qa]+probe30@0.12:L0' \
+        'blend[qa]+probe30@0.12:L0/preamble' musique 2wikimqa multi_news samsum
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cacheblend.eval.metrics import bootstrap_interval, mean_of
+
+
+def kl_by_example(path: Path, method: str) -> dict[str, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["example"]: r["kl_first_token"] for r in rows
+            if r.get("method") == method and r.get("kl_first_token") is not None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="an eval --out directory")
+    parser.add_argument("a")
+    parser.add_argument("b")
+    parser.add_argument("datasets", nargs="+")
+    args = parser.parse_args()
+    for dataset in args.datasets:
+        path = Path(args.run) / dataset / "results.jsonl"
+        a, b = kl_by_example(path, args.a), kl_by_example(path, args.b)
+        common = sorted(set(a) & set(b))
+        diff = [a[e] - b[e] for e in common]
+        low, high = bootstrap_interval(mean_of, diff)
+        better = sum(d < 0 for d in diff)
+        print(f"{dataset:10s} n={len(common)}  KL(A) - KL(B) = {mean_of(diff):+.4f} "
+              f"[{low:+.4f}, {high:+.4f}]  A better on {better}/{len(common)}")
+
+
+if __name__ == "__main__":
+    main()
