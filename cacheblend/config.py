@@ -55,9 +55,10 @@ class BlendConfig:
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     epic_k: int = 16
     # Chunks are precomputed after the request's prefix (system prompt and instruction): with
-    # the query-aware default, best or level on every dataset (docs/results.md, round 3). An
-    # entry is keyed by its context, so a request under another prefix borrows the entry
-    # stored under the engine's default prefix, or the preamble, when its own is missing.
+    # the query-aware default, KL halves on SAMSum and moves by under 0.01 elsewhere (slightly
+    # worse on 2WikiMQA; docs/results.md, round 3). An entry is keyed by its context, so a
+    # request under another prefix borrows the entry stored under the engine's default prefix,
+    # or the preamble, when its own is missing.
     precompute: str = "prefix"
     preamble: str = "Document:\n"  # the context of "preamble" mode
     borrow: bool = True  # prefix mode: on a miss, read the chunk's entry under another context
