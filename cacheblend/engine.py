@@ -89,8 +89,12 @@ class Engine:
                                codec=self.config.store_codec)
         self.store = store
         self.fusor = Fusor(self.runner, self.controller)
+        # The config is frozen: the default prefix (template head, system prompt, instruction)
+        # is rendered once.
+        self._default_prefix = self.prompts.build(self.config.system_prompt,
+                                                  self.config.instruction, [], "").prefix
         self.chunks = ChunkCache(self.fusor, store, self.fingerprint, self.prompts,
-                                 self.config.store_codec, self.default_prefix())
+                                 self.config.store_codec, self._default_prefix)
         self.planner = Planner(self.chunks, self.controller, self.runner.num_layers)
         self.prefiller = Prefiller(self.config, self.runner, self.fusor, self.planner,
                                    self.controller, self.segments_for)
@@ -123,16 +127,14 @@ class Engine:
                                        self.config.instruction)
 
     def default_prefix(self) -> tuple[int, ...]:
-        return self.prompts.build(self.config.system_prompt, self.config.instruction, [], "").prefix
+        return self._default_prefix
 
     def preamble_for(self, prefix: tuple[int, ...], blend: BlendConfig) -> tuple[int, ...]:
         return self.chunks.preamble_for(prefix, blend)
 
     def document_key(self, text: str, blend: BlendConfig | None = None) -> str:
         """The store key ``ingest`` writes ``text`` under (and the requests that use it read)."""
-        blend = blend or self.config.blend
-        preamble = self.preamble_for(self.default_prefix(), blend)
-        return self.chunks.chunk_key(preamble, self.prompts.chunk_ids(text))
+        return self.document_keys(text, blend)[0]
 
     def document_keys(self, text: str, blend: BlendConfig | None = None) -> list[str]:
         """``document_key`` and the keys a request may borrow ``text``'s entry from (the

@@ -79,10 +79,12 @@ class ChunkCache:
                preamble: tuple[int, ...], blend: BlendConfig) -> dict[int, ChunkKV]:
         """{index: entry} for the chunks that missed (``entries[i]`` None) but are stored under
         one of ``borrow_preambles``."""
-        borrowed: dict[int, ChunkKV] = {}
         others = self.borrow_preambles(preamble, blend)
+        borrowed: dict[int, ChunkKV] = {}
         for index, (chunk, entry) in enumerate(zip(chunks, entries)):
-            for other in others if entry is None else ():
+            if entry is not None:
+                continue
+            for other in others:
                 found = self.store.get(self.chunk_key(other, chunk))
                 if found is not None:
                     borrowed[index] = found
