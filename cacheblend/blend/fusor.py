@@ -54,6 +54,9 @@ class FusionPlan:
     resident: int = 0  # rows [0, resident) are in the request KV already (an earlier slice)
     probe_layers: int = 0  # > 0: query-aware selectors use a probe of the suffix, this deep (capped)
     probe_tokens: int = 0  # > 0: the probe runs only the suffix's last probe_tokens (0: all of it)
+    # What a check ratio is a share of: every chunk token of the prompt (0: those of chunk_spans).
+    # The planner leaves exact chunks out of chunk_spans (nothing to fuse) but not out of this.
+    num_chunk_tokens: int = 0
     # Derived on the host at construction:
     kind: str = field(init=False)  # attention of the active set: causal | tail | scattered
     num_chunk_active: int = field(init=False)  # active positions inside chunks
@@ -81,10 +84,7 @@ class FusionPlan:
                      "tail" if int(active[0]) == total - n else "scattered")
         self.num_chunk_active = int(in_chunk[active].sum())
         self.recomputes_cached = bool(cached_rows[active].sum() == cached_rows.sum())
-
-    @property
-    def num_chunk_tokens(self) -> int:
-        return sum(e - s for s, e in self.chunk_spans)
+        self.num_chunk_tokens = self.num_chunk_tokens or sum(e - s for s, e in self.chunk_spans)
 
     def token_slices(self, size: int) -> list[FusionPlan]:
         """A plain plan (no checks, its active rows one contiguous tail) split into plans of at

@@ -43,6 +43,7 @@ class Lookup:
     load_s: float = 0.0
     load_bytes: int = 0
     deferred: list[int] = field(default_factory=list)  # chunks missed: stored after the answer
+    exact: set[int] = field(default_factory=set)  # chunks whose entry is what full computes
     reason: str = ""
 
 
@@ -62,6 +63,19 @@ def hkvd_fallback(blend: BlendConfig) -> BlendConfig:
     ratios = blend.check_ratios[len(blend.check_layers) - len(layers):]
     return replace(blend, probe_layers=0, selector="hkvd", check_layers=layers,
                    check_ratios=ratios)
+
+
+def exact_chunks(segments: Segments, preamble: tuple[int, ...], borrowed: set[int]) -> set[int]:
+    """The chunks whose own entry was computed after exactly the tokens before them in this
+    prompt, at the same positions: in ``prefix`` mode the first chunk, after the request's own
+    prefix (in ``alone`` mode, a first chunk with no prefix). Their cached KV is what a full
+    prefill computes, so blending spends nothing on them. A borrowed entry never is."""
+    exact = set()
+    for index, (begin, _) in enumerate(segments.chunk_spans()):
+        if (index not in borrowed and begin == len(preamble)
+                and tuple(segments.ids[:begin]) == preamble):
+            exact.add(index)
+    return exact
 
 
 class Planner:
@@ -86,19 +100,26 @@ class Planner:
         if cached is None:  # the controller's fallback
             return PlannedPrefill(FusionPlan(ids, torch.arange(total)), "full", None, lookup)
         suffix = torch.arange(total - len(segments.suffix), total)
+        chunk_tokens = sum(e - s for s, e in spans)
         checks, tokens = [], 0
+        if method == "blend":
+            blend = blend.with_ratio(ratio)
+        # Exact chunks (``exact_chunks``) have nothing to correct: epic, and blend below ratio 1,
+        # compute only the others (at ratio 1 blend recomputes every chunk token, as asked).
+        if method == "epic" or (method == "blend" and blend.ratio < 1.0):
+            spans = [span for i, span in enumerate(spans) if i not in lookup.exact]
         if method == "reuse":
             active = suffix
         elif method == "epic":
             chunk_positions = torch.cat([torch.arange(s, e) for s, e in spans] or [suffix[:0]])
             keep = first_k_mask(chunk_positions, spans, blend.epic_k)
             active = torch.cat([chunk_positions[keep], suffix])
+        elif not spans:  # blend over exact chunks only: nothing to select
+            active = suffix
         else:  # blend
             active = torch.cat([torch.arange(s, e) for s, e in spans] + [suffix])
-            blend = blend.with_ratio(ratio)
             # At ratio 1 every chunk token is kept: there is nothing for a probe to rank.
             probe = self.probe_depth(blend) if blend.ratio < 1.0 else 0
-            chunk_tokens = sum(e - s for s, e in spans)
             tokens = self._probe_tokens(probe, len(segments.suffix), chunk_tokens, blend)
             if probe and not tokens:  # not even the suffix's tail fits: HKVD selects
                 blend = hkvd_fallback(blend)
@@ -110,9 +131,11 @@ class Planner:
                                          blend.first_k)
                 checks.append((min(layer, self.num_layers - 1), selector))
         probe_layers = blend.probe_layers if checks else 0
+        # A ratio stays a share of every chunk token, spent on the inexact ones only.
         plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation,
                           probe_layers=probe_layers,
-                          probe_tokens=tokens if probe_layers else 0)
+                          probe_tokens=tokens if probe_layers else 0,
+                          num_chunk_tokens=chunk_tokens)
         return PlannedPrefill(plan, method, blend.ratio if method == "blend" else None, lookup)
 
     def probe_depth(self, blend: BlendConfig) -> int:
@@ -173,6 +196,7 @@ class Planner:
             lookup.deferred = missed
             return None, lookup, decision.ratio
         lookup.borrowed_tokens = sum(len(segments.chunks[i]) for i in borrowed)
+        lookup.exact = exact_chunks(segments, preamble, set(borrowed))
         start = time.perf_counter()
         spans = []
         prefix_entry = entries[0]

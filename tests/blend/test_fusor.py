@@ -12,6 +12,7 @@ from cacheblend.config import BlendConfig
 from cacheblend.decode import SamplingParams
 from cacheblend.engine import GenerateRequest
 from cacheblend.kv import RequestKV
+from cacheblend.request import RequestSettings
 from cacheblend.store.base import ChunkKV
 from cacheblend.store.memory import MemoryStore
 
@@ -40,6 +41,54 @@ def test_blend_with_every_token_selected_equals_full_prefill(engine_factory):
     # The same fused KV: every layer, every position (the prefix comes from its exact entry).
     assert (blend_kv.keys[:, :, :n] - full_kv.keys[:, :, :n]).abs().max().item() <= 1e-4
     assert (blend_kv.values[:, :, :n] - full_kv.values[:, :, :n]).abs().max().item() <= 1e-4
+
+
+def settings(engine, request: GenerateRequest) -> RequestSettings:
+    return RequestSettings.resolve(request, engine.config.blend, "bulk")
+
+
+def test_first_chunk_after_the_prefix_is_exact_and_never_recomputed(engine_factory):
+    """In prefix mode the first chunk's entry was computed after exactly the tokens before it,
+    at the same positions: it is what a full prefill computes, so blend spends none of its
+    budget there (the budget stays a share of every chunk token)."""
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(DOCS, progress=False)
+    segments = engine.segments_for(request("blend"))
+    first = segments.chunk_spans()[0]
+    full_kv, full_logits, _ = engine.prefill(request("full"))
+    hkvd = BlendConfig(selector="hkvd", check_layers=(1,))
+    for ratio in (0.15, 0.5):
+        plan = engine.planner.plan(segments, settings(engine, GenerateRequest(
+            question=QUESTION, documents=DOCS, method="blend", ratio=ratio, blend=hkvd))).plan
+        assert first not in plan.chunk_spans and len(plan.chunk_spans) == len(DOCS) - 1
+        assert not bool(((plan.active >= first[0]) & (plan.active < first[1])).any())
+        assert plan.num_chunk_tokens == sum(len(c) for c in segments.chunks)
+    # The premise: the entry equals full prefill's KV at those positions, every layer.
+    blend_kv, _, stats = engine.prefill(GenerateRequest(
+        question=QUESTION, documents=DOCS, method="blend", ratio=0.15, blend=hkvd))
+    assert stats.recomputed_tokens == -(-15 * stats.chunk_tokens // 100)  # the same budget
+    rows = slice(*first)
+    assert (blend_kv.keys[:, :, rows] - full_kv.keys[:, :, rows]).abs().max().item() <= 1e-4
+    assert (blend_kv.values[:, :, rows] - full_kv.values[:, :, rows]).abs().max().item() <= 1e-4
+    # Every other chunk token recomputed (budget 99% of all > the other chunks): full's logits.
+    _, logits, stats = engine.prefill(GenerateRequest(
+        question=QUESTION, documents=DOCS, method="blend", ratio=0.99, blend=hkvd))
+    assert stats.recomputed_tokens == stats.chunk_tokens - (first[1] - first[0])
+    assert (logits - full_logits).abs().max().item() <= 1e-4
+
+
+def test_borrowed_or_preamble_first_chunk_is_not_exact(engine_factory):
+    engine = engine_factory(store_codec="fp32", blend={"precompute": "preamble"})
+    engine.ingest(DOCS, progress=False)
+    segments = engine.segments_for(request("blend"))
+    assert engine.planner.plan(segments, settings(engine, request("blend"))).lookup.exact \
+        == set()
+    other = BlendConfig(precompute="prefix")  # no own-prefix entries: borrows the preamble's
+    borrowed = engine.planner.plan(segments, settings(engine, GenerateRequest(
+        question=QUESTION, documents=DOCS, method="blend", blend=other)))
+    assert borrowed.lookup.borrowed_tokens == sum(len(c) for c in segments.chunks)
+    assert borrowed.lookup.exact == set()
+    assert len(borrowed.plan.chunk_spans) == len(DOCS)
 
 
 def test_prefix_with_cached_prefix_and_no_chunks_equals_full(engine_factory):
@@ -89,7 +138,8 @@ def test_blend_selects_the_ratio_of_chunk_tokens(engine_factory):
     _, _, stats = engine.prefill(hkvd)
     assert stats.recomputed_tokens == -(-15 * stats.chunk_tokens // 100)  # ceil(0.15 x chunk)
     _, _, epic = engine.prefill(request("epic"))
-    assert epic.recomputed_tokens == 16 * len(DOCS)
+    # The first chunk, computed after the request's own prefix, is exact: no sink to fix there.
+    assert epic.recomputed_tokens == 16 * (len(DOCS) - 1)
 
 
 def test_miss_is_computed_stored_and_hit_next_time(engine_factory):
