@@ -4,6 +4,11 @@ interval, and on how many examples A is the better one.
 
     .venv/bin/python benchmarks/paired_kl.py runs/sel4 'blend[qa]+probe30@0.12:L0' \
         'blend[qa]+probe30@0.12:L0/preamble' musique 2wikimqa multi_news samsum
+
+With ``--run-b``, B's rows come from another run (the same method at two commits):
+
+    .venv/bin/python benchmarks/paired_kl.py runs/sel5 'blend[qa]+probe30@0.12:L0' \
+        'blend[qa]+probe30@0.12:L0' musique 2wikimqa multi_news samsum --run-b runs/sel4
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ def main() -> None:
     parser.add_argument("a")
     parser.add_argument("b")
     parser.add_argument("datasets", nargs="+")
+    parser.add_argument("--run-b", help="where B's rows are (default: the same run)")
     args = parser.parse_args()
     for dataset in args.datasets:
         path = Path(args.run) / dataset / "results.jsonl"
-        a, b = kl_by_example(path, args.a), kl_by_example(path, args.b)
+        path_b = Path(args.run_b or args.run) / dataset / "results.jsonl"
+        a, b = kl_by_example(path, args.a), kl_by_example(path_b, args.b)
         common = sorted(set(a) & set(b))
         diff = [a[e] - b[e] for e in common]
         low, high = bootstrap_interval(mean_of, diff)

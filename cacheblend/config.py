@@ -27,8 +27,10 @@ class BlendConfig:
     still being computed are narrowed, by KV deviation, to check_ratios[j] of the chunk tokens.
     The last ratio is the request's recompute ratio; a request's ``ratio`` replaces it (and
     scales the earlier ones by the same factor).
-    selector: how tokens are ranked at a check layer (one of SELECTORS, the same at every check
-    layer). coverage: 0 = a fixed budget; c > 0 = adaptive, keep the smallest top-ranked set
+    selector: how tokens are ranked at a check layer: one of SELECTORS for every check layer, or
+    one per check layer (a two-stage schedule: e.g. ``("qa", "qkvd")`` with check layers (0, 4)
+    narrows by the question's attention at layer 0, then by attention x KV deviation at layer
+    4, among the tokens the first stage kept). coverage: 0 = a fixed budget; c > 0 = adaptive, keep the smallest top-ranked set
     holding c of the selector's score mass, capped at the check ratio (see blend/select.py).
     probe_layers: with a query-aware selector, run the suffix over the cached KV for this many
     layers first (-1: every layer) and rank by that attention (its cost is taken out of the
@@ -48,7 +50,7 @@ class BlendConfig:
     check_layers: tuple[int, ...] = (0,)
     check_ratios: tuple[float, ...] = (0.12,)
     deviation: str = "k"
-    selector: str = "qa"
+    selector: str | tuple[str, ...] = "qa"
     coverage: float = 0.0
     probe_layers: int = -1  # != 0: query-aware selectors read a probe of the suffix (blend/probe.py)
     probe_tail: int = 8  # a long suffix: probe its last 8 tokens (picked on 16 SAMSum prompts)
@@ -70,14 +72,19 @@ class BlendConfig:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.deviation not in DEVIATIONS:
             raise ConfigError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
-        if self.selector not in SELECTORS:
-            raise ConfigError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        names = (self.selector,) if isinstance(self.selector, str) else self.selector
+        if not names or any(name not in SELECTORS for name in names):
+            raise ConfigError(f"selector must be one of {SELECTORS} (or one per check layer), "
+                              f"got {self.selector!r}")
         if not 0.0 <= self.coverage < 1.0:
             raise ConfigError("coverage must lie in [0, 1) (0 = a fixed budget)")
         if self.precompute not in PRECOMPUTE_MODES:
             raise ConfigError(f"precompute must be one of {PRECOMPUTE_MODES}, got {self.precompute!r}")
         if not self.check_layers or len(self.check_layers) != len(self.check_ratios):
             raise ConfigError("check_layers and check_ratios must be non-empty and of equal length")
+        if not isinstance(self.selector, str) and len(self.selector) != len(self.check_layers):
+            raise ConfigError(f"selector: one name, or one per check layer "
+                              f"({len(self.check_layers)}), got {list(self.selector)}")
         if list(self.check_layers) != sorted(set(self.check_layers)) or self.check_layers[0] < 0:
             raise ConfigError("check_layers must be increasing and >= 0")
         if any(not 0.0 <= r <= 1.0 for r in self.check_ratios):
@@ -98,6 +105,13 @@ class BlendConfig:
     @property
     def ratio(self) -> float:
         return self.check_ratios[-1]
+
+    @property
+    def selectors(self) -> tuple[str, ...]:
+        """The selector of each check layer."""
+        if isinstance(self.selector, str):
+            return (self.selector,) * len(self.check_layers)
+        return tuple(self.selector)
 
     def with_ratio(self, ratio: float) -> BlendConfig:
         """The same schedule narrowed to ``ratio`` at the last check layer."""

@@ -126,9 +126,9 @@ class Planner:
             else:
                 cost = self._probe_cost(probe, tokens, chunk_tokens, blend) if probe else 0.0
                 blend = replace(blend.with_ratio(blend.ratio - cost), probe_layers=probe)
-            for layer, layer_ratio in zip(blend.check_layers, blend.check_ratios):
-                selector = make_selector(blend.selector, layer_ratio, blend.coverage,
-                                         blend.first_k)
+            for layer, layer_ratio, name in zip(blend.check_layers, blend.check_ratios,
+                                                blend.selectors):
+                selector = make_selector(name, layer_ratio, blend.coverage, blend.first_k)
                 checks.append((min(layer, self.num_layers - 1), selector))
         probe_layers = blend.probe_layers if checks else 0
         # A ratio stays a share of every chunk token, spent on the inexact ones only.
@@ -140,7 +140,7 @@ class Planner:
 
     def probe_depth(self, blend: BlendConfig) -> int:
         """How many layers the probe runs for ``blend`` (0: none; -1 in the config: all)."""
-        if blend.selector == "hkvd" or blend.probe_layers == 0:
+        if set(blend.selectors) == {"hkvd"} or blend.probe_layers == 0:
             return 0
         return self.num_layers if blend.probe_layers < 0 else min(blend.probe_layers,
                                                                   self.num_layers)

@@ -7,8 +7,10 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
     modifier  := "-k" | "-v" | "-kv"        blend: KV deviation used by HKVD (default: config)
                | "-gradual"                 blend: check layers 1, 4 at ratios 0.3, 0.15
                                             (an "@" ratio narrows both, keeping the 2:1 shape)
-               | "[" SELECTOR "]"           blend: how check layers rank tokens: hkvd | qa | qkvd
-                                            | qa-chunk (cacheblend.config.SELECTORS)
+               | "[" SELECTOR ("," SELECTOR)* "]"
+                                            blend: how check layers rank tokens: hkvd | qa | qkvd
+                                            | qa-chunk (cacheblend.config.SELECTORS); one for
+                                            every check layer, or one per check layer
                | "~" NUMBER                 blend: adaptive budget: the smallest top-ranked set
                                             holding NUMBER of the selector's score mass, capped
                                             at the "@" ratio (BlendConfig.coverage)
@@ -26,7 +28,9 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
 Examples: ``blend@0.05``, ``blend-v@0.15``, ``blend-kv``, ``blend-gradual``,
 ``blend@0.15:L1=0.3,L4``, ``blend+first16``, ``epic@32``, ``reuse/sink``, ``blend[qa]@0.05``,
 ``blend[qkvd]@0.15:L2`` (check layer 2), ``blend[qkvd]@0.15:L1=0.3,L2`` (two stages),
-``blend[qa-chunk]~0.5@0.3`` (adaptive, at most 30%), ``blend[qkvd]+probe30@0.15``.
+``blend[qa-chunk]~0.5@0.3`` (adaptive, at most 30%), ``blend[qkvd]+probe30@0.15``,
+``blend[qa,qkvd]+probe30@0.1:L0=0.2,L4`` (the question's attention at layer 0, then attention x
+deviation at layer 4).
 
 A spec turns into (engine method, BlendConfig); ``MethodSpec.request_blend(engine)`` is the
 BlendConfig a request carries to be served that way (a per-request setting: the engine itself
@@ -61,7 +65,7 @@ class MethodSpec:
     first_k: int | None = None
     epic_k: int | None = None
     precompute: str | None = None
-    selector: str | None = None
+    selector: str | tuple[str, ...] | None = None
     coverage: float | None = None
     probe_layers: int | None = None
 
@@ -98,7 +102,7 @@ class MethodSpec:
         config = replace(base, **changes)
         if self.ratio is not None and self.schedule is None:
             config = config.with_ratio(self.ratio)
-        if self.deviation is not None and config.selector == "qa":
+        if self.deviation is not None and set(config.selectors) == {"qa"}:
             raise MethodSpecError(
                 f"method spec {self.label!r}: the selector here is qa, which reads no KV "
                 f"deviation; name one that does, e.g. blend[hkvd]-{self.deviation}")
@@ -111,7 +115,7 @@ class MethodSpec:
 
 
 _MODIFIER = re.compile(
-    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|@[0-9.]+|~[0-9.]+|\[[a-z-]+\])")
+    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|@[0-9.]+|~[0-9.]+|\[[a-z,-]+\])")
 
 
 def parse_method(text: str, precompute: str | None = None) -> MethodSpec:
@@ -182,11 +186,11 @@ def _apply_modifier(text: str, method: str, modifier: str, fields: dict) -> None
     if method != "blend":
         raise MethodSpecError(f"method spec {text!r}: {modifier!r} applies to blend only")
     if modifier.startswith("["):
-        name = modifier[1:-1]
-        if name not in SELECTORS:
+        names = tuple(modifier[1:-1].split(","))
+        if any(name not in SELECTORS for name in names):
             raise MethodSpecError(f"method spec {text!r}: selector must be one of "
                                   f"{', '.join(SELECTORS)}")
-        once("selector", name)
+        once("selector", names[0] if len(names) == 1 else names)
     elif modifier.startswith("~"):
         try:
             coverage = float(modifier[1:])

@@ -160,6 +160,13 @@ def test_blend_config_validates_selector_and_coverage():
         BlendConfig(coverage=1.0)
     with pytest.raises(ConfigError):
         BlendConfig(probe_tail=0)
+    # One selector per check layer: a two-stage schedule.
+    staged = BlendConfig(selector=("qa", "qkvd"), check_layers=(0, 4), check_ratios=(0.2, 0.1))
+    assert staged.selectors == ("qa", "qkvd")
+    assert BlendConfig(check_layers=(1, 4), check_ratios=(0.3, 0.1)).selectors == ("qa", "qa")
+    for bad in (("qa",) * 2, ("qa", "nope"), ()):
+        with pytest.raises(ConfigError):
+            BlendConfig(selector=bad, check_layers=(0,), check_ratios=(0.1,))
 
 
 DOCS = [
@@ -169,7 +176,7 @@ DOCS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [s for s in SELECTORS if s != "hkvd"])
+@pytest.mark.parametrize("name", [s for s in SELECTORS if s != "hkvd"] + [("qa", "qkvd")])
 def test_blend_with_every_token_selected_equals_full_prefill(engine_factory, name):
     from cacheblend.engine import GenerateRequest
 
@@ -200,6 +207,33 @@ def test_each_selector_recomputes_its_ratio_in_a_real_prefill(engine_factory, na
     # A query-aware selector's probe takes its token-layers out of the 20%: the rest is kept.
     assert stats.ratio == 0.2 if name == "hkvd" else 0.0 < stats.ratio < 0.2
     assert stats.recomputed_tokens == math.ceil(stats.ratio * stats.chunk_tokens)
+
+
+@pytest.mark.slow
+def test_a_two_stage_schedule_runs_each_check_layers_own_selector(engine_factory):
+    """("qa", "qkvd") at layers (0, 4): the probe's attention keeps 60% at layer 0, then
+    attention x deviation keeps half of them at layer 4 (less the probe's cost: these prompts
+    are short, a probe of their suffix needs a large ratio)."""
+    from cacheblend.blend.select import QueryAttentionSelector, QueryDeviationSelector
+    from cacheblend.engine import GenerateRequest
+    from cacheblend.request import RequestSettings
+
+    engine = engine_factory()
+    engine.ingest(DOCS, progress=False)
+    blend = BlendConfig(selector=("qa", "qkvd"), check_layers=(0, 4), check_ratios=(0.6, 0.3))
+    request = GenerateRequest(question="Who designed it?", documents=DOCS, method="blend",
+                              blend=blend)
+    planned = engine.planner.plan(engine.segments_for(request),
+                                  RequestSettings.resolve(request, blend, "bulk"))
+    (first, one), (second, two) = planned.plan.checks
+    assert (first, second) == (0, 4) and planned.plan.probe_layers == 30
+    assert type(one) is QueryAttentionSelector and type(two) is QueryDeviationSelector
+    assert one.ratio == pytest.approx(2 * two.ratio)  # the probe's cost scales both
+    stats = engine.prefill(request)[2]
+    assert stats.recomputed_tokens == math.ceil(stats.ratio * stats.chunk_tokens)
+    # HKVD at every check reads no probe.
+    hkvd = BlendConfig(selector=("hkvd", "hkvd"), check_layers=(1, 4), check_ratios=(0.3, 0.1))
+    assert engine.planner.probe_depth(hkvd) == 0
 
 
 def test_probe_cost_comes_out_of_the_budget():
@@ -238,6 +272,10 @@ def test_the_hkvd_fallback_never_checks_at_layer_0():
     fallback = hkvd_fallback(two)
     assert (fallback.selector, fallback.probe_layers) == ("hkvd", 0)
     assert (fallback.check_layers, fallback.check_ratios) == ((1, 4), (0.2, 0.1))
+    staged = BlendConfig(selector=("qa", "qkvd"), probe_layers=-1, check_layers=(0, 4),
+                         check_ratios=(0.2, 0.1))
+    fallback = hkvd_fallback(staged)
+    assert (fallback.selectors, fallback.check_layers) == (("hkvd", "hkvd"), (1, 4))
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 import pytest
 
 from cacheblend.config import BlendConfig
+from cacheblend.errors import ConfigError
 from cacheblend.eval.methods import MethodSpecError, parse_method, parse_methods
 
 
@@ -95,7 +96,15 @@ def test_selectors_coverage_and_probe():
     every = parse_method("blend[qa]+probe@0.12:L0")  # "+probe" alone: every layer
     assert every.label == "blend[qa]+probe@0.12:L0"
     assert every.blend_config(BlendConfig()).probe_layers == -1
-    for bad in ("blend[nope]", "blend~1.5", "reuse[qa]", "epic[qa]", "blend[qa][qkvd]"):
+    staged = parse_method("blend[qa,qkvd]+probe30@0.1:L0=0.2,L4")
+    assert staged.label == "blend[qa,qkvd]+probe30@0.1:L0=0.2,L4"
+    config = staged.blend_config(BlendConfig())
+    assert config.selectors == ("qa", "qkvd")
+    assert (config.check_layers, config.check_ratios) == ((0, 4), (0.2, 0.1))
+    with pytest.raises(ConfigError):  # two selectors, one check layer
+        parse_method("blend[qa,qkvd]@0.1:L0").blend_config(BlendConfig())
+    for bad in ("blend[nope]", "blend~1.5", "reuse[qa]", "epic[qa]", "blend[qa][qkvd]",
+                "blend[qa,nope]"):
         with pytest.raises(MethodSpecError):
             parse_method(bad)
 
