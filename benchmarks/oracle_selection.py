@@ -61,8 +61,19 @@ RANKINGS = ("probe", "exact share", "exact deviation", "exact share x deviation"
 STAGED = ((2.0, 2, None), (2.0, 4, None), (1.5, 4, None), (2.0, 4, 1.0), (3.0, 4, None))
 
 
-def staged_name(a: float, layer: int, b: float | None) -> str:
-    return f"staged {a}r -> L{layer} " + ("(matched)" if b is None else f"{b}r")
+def staged_name(a: float, layer: int, b: float | None, deviation: str) -> str:
+    return f"staged {a}r -> L{layer}-{deviation} " + ("(matched)" if b is None else f"{b}r")
+
+
+class SoftDeviation(QueryDeviationSelector):
+    """attention x deviation ** gamma (gamma < 1: the deviation weighs less)."""
+
+    def __init__(self, ratio: float, gamma: float) -> None:
+        super().__init__(ratio)
+        self.gamma = gamma
+
+    def score(self, candidates: Candidates) -> torch.Tensor:
+        return candidates.attention * candidates.deviation.clamp_min(0).pow(self.gamma)
 
 
 class RankBy(Selector):
@@ -162,7 +173,10 @@ def main() -> None:
     parser.add_argument("--staged", help="a:L[:b],... (default: %(default)s)",
                         default=",".join(f"{a}:{layer}" + (f":{b}" if b else "")
                                          for a, layer, b in STAGED))
-    parser.add_argument("--deviation", default="kv", help="the second stage's deviation")
+    parser.add_argument("--gamma", type=float, default=1.0,
+                        help="the second stage ranks by attention x deviation ** gamma")
+    parser.add_argument("--deviation", default="kv",
+                        help="the second stage's deviation(s), comma-separated: k, v, kv")
     args = parser.parse_args()
     stages = [(float(p[0]), int(p[1]), float(p[2]) if len(p) > 2 else None)
               for p in (item.split(":") for item in args.staged.split(","))]
@@ -175,7 +189,7 @@ def main() -> None:
                            limit=args.skip + args.limit, tokenizer=engine.tokenizer)
     examples = dataset.examples[args.skip:]
     names = ("reuse", "reuse/preamble", "default", *rankings,
-             *(staged_name(*stage) for stage in stages))
+             *(staged_name(*stage, dev) for dev in args.deviation.split(",") for stage in stages))
     kl = {name: [] for name in names}
     for example in tqdm(examples, desc=dataset.name, unit="example"):
         segments = build_segments(engine.prompts, example)
@@ -203,14 +217,16 @@ def main() -> None:
                                                                    budget)))
         layers = engine.runner.num_layers
         ratio = budget / plan.num_chunk_tokens
-        for a, layer, b in stages:
-            # a x r tokens run layers [0, L), b x r run [L, layers): as r runs [0, layers).
-            second = (layers - a * layer) / (layers - layer) if b is None else b
-            checks = [(0, QueryAttentionSelector(a * ratio)),
-                      (layer, QueryDeviationSelector(second * ratio))]
-            staged = replace(plan, checks=checks, deviation=args.deviation)
-            logits = engine.fusor.run(staged, new_kv(engine, total)).logits
-            kl[staged_name(a, layer, b)].append(first_token_kl(full.logits, logits))
+        for deviation in args.deviation.split(","):
+            for a, layer, b in stages:
+                # a x r tokens run layers [0, L), b x r run [L, layers): as r runs [0, layers).
+                second = (layers - a * layer) / (layers - layer) if b is None else b
+                checks = [(0, QueryAttentionSelector(a * ratio)),
+                          (layer, SoftDeviation(second * ratio, args.gamma))]
+                staged = replace(plan, checks=checks, deviation=deviation)
+                logits = engine.fusor.run(staged, new_kv(engine, total)).logits
+                kl[staged_name(a, layer, b, deviation)].append(
+                    first_token_kl(full.logits, logits))
         engine.store.clear()
     best = min(("reuse", "reuse/preamble"), key=lambda name: mean_of(kl[name]))
     rows = []
