@@ -245,13 +245,15 @@ def _check_schedule(text: str, schedule, ratio: float | None) -> None:
 
 def parse_methods(text: str, precompute_modes: list[str] | None = None) -> list[MethodSpec]:
     """A comma-separated list of specs, crossed with every precompute mode for the methods that
-    read chunk entries (full and prefix appear once). Schedules contain commas too:
-    ``blend@0.15:L1=0.3,L4`` stays one spec (an item starting with L<digit> continues it)."""
+    read chunk entries (full and prefix appear once). Schedules and selector lists contain commas
+    too: ``blend@0.15:L1=0.3,L4`` and ``blend[qa,qkvd]`` stay one spec (an item starting with
+    L<digit> continues a schedule; an item after an unclosed "[" continues it)."""
     items: list[str] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        if re.match(r"L\d", item) and items and ":" in items[-1]:
+        unclosed = items and items[-1].count("[") > items[-1].count("]")
+        if unclosed or (re.match(r"L\d", item) and items and ":" in items[-1]):
             items[-1] += "," + item
         else:
             items.append(item)

@@ -66,6 +66,8 @@ def test_parse_methods_list():
     assert labels == ["full", "reuse/alone", "reuse/sink", "reuse", "blend/alone",
                       "blend/sink", "blend"]
     assert [s.label for s in parse_methods("blend,blend, ,full")] == ["blend", "full"]
+    labels = [s.label for s in parse_methods("full,blend[qa,qkvd]@0.1:L0=0.2,L4,blend[qa]")]
+    assert labels == ["full", "blend[qa,qkvd]@0.1:L0=0.2,L4", "blend[qa]"]
 
 
 @pytest.mark.parametrize("text", [
