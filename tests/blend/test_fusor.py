@@ -56,7 +56,7 @@ def test_first_chunk_after_the_prefix_is_exact_and_never_recomputed(engine_facto
     segments = engine.segments_for(request("blend"))
     first = segments.chunk_spans()[0]
     full_kv, full_logits, _ = engine.prefill(request("full"))
-    hkvd = BlendConfig(selector="hkvd", check_layers=(1,))
+    hkvd = BlendConfig(selector="hkvd", check_layers=(1,), check_ratios=(0.15,))
     for ratio in (0.15, 0.5):
         plan = engine.planner.plan(segments, settings(engine, GenerateRequest(
             question=QUESTION, documents=DOCS, method="blend", ratio=ratio, blend=hkvd))).plan
@@ -134,7 +134,7 @@ def test_blend_selects_the_ratio_of_chunk_tokens(engine_factory):
     assert 0.0 < stats.ratio < 0.15
     assert stats.recomputed_tokens == math.ceil(stats.ratio * stats.chunk_tokens)
     hkvd = GenerateRequest(question=QUESTION, documents=DOCS, method="blend", ratio=0.15,
-                           blend=BlendConfig(selector="hkvd", check_layers=(1,)))
+                           blend=BlendConfig(selector="hkvd", check_layers=(1,), check_ratios=(0.15,)))
     _, _, stats = engine.prefill(hkvd)
     assert stats.recomputed_tokens == -(-15 * stats.chunk_tokens // 100)  # ceil(0.15 x chunk)
     _, _, epic = engine.prefill(request("epic"))
@@ -245,7 +245,8 @@ def test_blend_without_prefix_keeps_fresh_early_layers(engine_factory):
     depend on the token alone, so a check layer of 2 is what exposes an overwrite."""
     from cacheblend.prompt import Segments
 
-    engine = engine_factory(store_codec="fp32", blend={"check_layers": (2,)})
+    engine = engine_factory(store_codec="fp32", blend={"check_layers": (2,), "check_ratios": (0.12,),
+                                                        "selector": "qa"})
     full_segments = engine.segments_for(request("full"))
     segments = Segments((), full_segments.chunks, full_segments.suffix)
     bare = GenerateRequest(segments=segments, method="blend", ratio=1.0)

@@ -163,7 +163,8 @@ def test_blend_config_validates_selector_and_coverage():
     # One selector per check layer: a two-stage schedule.
     staged = BlendConfig(selector=("qa", "qkvd"), check_layers=(0, 4), check_ratios=(0.2, 0.1))
     assert staged.selectors == ("qa", "qkvd")
-    assert BlendConfig(check_layers=(1, 4), check_ratios=(0.3, 0.1)).selectors == ("qa", "qa")
+    assert BlendConfig(selector="qa", check_layers=(1, 4), check_ratios=(0.3, 0.1)).selectors \
+        == ("qa", "qa")
     for bad in (("qa",) * 2, ("qa", "nope"), ()):
         with pytest.raises(ConfigError):
             BlendConfig(selector=bad, check_layers=(0,), check_ratios=(0.1,))
@@ -202,7 +203,8 @@ def test_each_selector_recomputes_its_ratio_in_a_real_prefill(engine_factory, na
     engine = engine_factory()
     engine.ingest(DOCS, progress=False)
     request = GenerateRequest(question="Who designed it?", documents=DOCS, method="blend",
-                              blend=BlendConfig(selector=name, check_ratios=(0.2,)))
+                              blend=BlendConfig(selector=name, check_layers=(0,),
+                                                check_ratios=(0.2,)))
     stats = engine.prefill(request)[2]
     # A query-aware selector's probe takes its token-layers out of the 20%: the rest is kept.
     assert stats.ratio == 0.2 if name == "hkvd" else 0.0 < stats.ratio < 0.2
@@ -236,22 +238,37 @@ def test_a_two_stage_schedule_runs_each_check_layers_own_selector(engine_factory
     assert engine.planner.probe_depth(hkvd) == 0
 
 
+def test_blend_ratio_in_a_config_narrows_the_default_schedule(tmp_path):
+    from cacheblend.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("blend:\n  ratio: 0.2\n")
+    blend = load_config(path).blend
+    assert blend.check_layers == BlendConfig().check_layers and blend.ratio == 0.2
+    assert blend.check_ratios[0] == pytest.approx(0.2 * 1.5)  # the 1.5:1 shape is kept
+    assert load_config(None, blend={"ratio": 0.05}).blend.ratio == 0.05
+    for bad in ({"ratio": 2.0}, {"ratio": "x"}, {"check_ratios": [0.2]}):
+        with pytest.raises(ConfigError, match="ratio"):
+            load_config(None, blend=bad)
+
+
 def test_probe_cost_comes_out_of_the_budget():
     from cacheblend.blend.planner import Planner
 
     planner = Planner(None, None, num_layers=30)
-    blend = BlendConfig(check_layers=(1,))
+    blend = BlendConfig(selector="qa", check_layers=(1,), check_ratios=(0.12,))
     # 36 suffix tokens x 30 probed layers against 1920 chunk tokens x 28 layers after the check
     assert planner._probe_cost(30, 36, 1920, blend) == pytest.approx(36 * 30 / (1920 * 28))
     assert planner._probe_cost(99, 36, 1920, blend) == planner._probe_cost(30, 36, 1920, blend)
     # _probe_tokens is _probe_cost's inverse: what it picks costs at most half the ratio
     for check, suffix, chunks in ((0, 36, 1920), (0, 400, 1920), (1, 50, 300), (29, 5, 10000)):
-        config = BlendConfig(check_layers=(check,))
+        config = BlendConfig(selector="qa", check_layers=(check,), check_ratios=(0.12,))
         tokens = planner._probe_tokens(30, suffix, chunks, config)
         assert tokens in (suffix, config.probe_tail, 0)
         assert planner._probe_cost(30, tokens, chunks, config) <= config.ratio / 2
     # a check at the last layer leaves no layers to pay for a probe: none (HKVD selects)
-    assert planner._probe_tokens(30, 5, 10000, BlendConfig(check_layers=(29,))) == 0
+    assert planner._probe_tokens(30, 5, 10000, BlendConfig(
+        selector="qa", check_layers=(29,), check_ratios=(0.12,))) == 0
     depth = planner.probe_depth
     assert depth(BlendConfig(selector="qa", probe_layers=-1)) == 30  # -1: every layer
     assert depth(BlendConfig(selector="qa", probe_layers=99)) == 30
@@ -322,7 +339,8 @@ def test_a_long_suffix_is_probed_by_its_tail_and_a_tiny_budget_falls_back_to_hkv
                                    (long_question, 0.02, "none")):
         request = GenerateRequest(question=question, documents=DOCS, method="blend")
         settings = RequestSettings.resolve(
-            request, BlendConfig(selector="qa", probe_layers=30, check_ratios=(ratio,)), "bulk")
+            request, BlendConfig(selector="qa", probe_layers=30, check_layers=(0,),
+                                 check_ratios=(ratio,)), "bulk")
         segments = engine.segments_for(request)
         planned = engine.planner.plan(segments, settings)
         plan, selector = planned.plan, planned.plan.checks[0][1]
@@ -341,7 +359,8 @@ def test_a_long_suffix_is_probed_by_its_tail_and_a_tiny_budget_falls_back_to_hkv
             assert BlendConfig().probe_tail * 30 / (plan.num_chunk_tokens * 29) > ratio / 2
     # ... and a tail-probed request runs end to end
     request = GenerateRequest(question=long_question, documents=DOCS, method="blend",
-                              blend=BlendConfig(selector="qa", check_ratios=(0.3,)))
+                              blend=BlendConfig(selector="qa", check_layers=(0,),
+                                                check_ratios=(0.3,)))
     _, logits, stats = engine.prefill(request)
     assert torch.isfinite(logits).all() and 0 < stats.recomputed_tokens < stats.chunk_tokens
 
@@ -449,8 +468,8 @@ def test_the_hkvd_config_file_is_cacheblends_own_selection():
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "hkvd.yaml"
     assert load_config(path).blend == BlendConfig(selector="hkvd", probe_layers=0,
                                                   check_layers=(1,), check_ratios=(0.15,),
-                                                  precompute="preamble")
-    assert BlendConfig().selector == "qa" and BlendConfig().probe_layers == -1
+                                                  deviation="k", precompute="preamble")
+    assert BlendConfig().selector == ("qa", "qkvd") and BlendConfig().probe_layers == -1
     assert BlendConfig().precompute == "prefix"
     preamble = load_config(path.with_name("preamble.yaml")).blend  # rounds 1-2's mode
-    assert preamble == BlendConfig(precompute="preamble")
+    assert preamble == BlendConfig(precompute="preamble", deviation="k")

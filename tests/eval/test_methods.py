@@ -17,18 +17,20 @@ def test_plain_methods():
 
 
 def test_blend_variants():
-    assert config("blend@0.05").check_ratios == (0.05,)
-    assert config("blend@0.3").check_ratios == (0.3,)
-    c = config("blend[hkvd]-v@0.15")
+    # The default's two stages keep their 1.5:1 shape under an "@" ratio.
+    assert config("blend@0.05").check_ratios == pytest.approx((0.075, 0.05))
+    assert config("blend@0.2").check_ratios == pytest.approx((0.3, 0.2))
+    c = config("blend[hkvd]-v@0.15:L1")
     assert (c.selector, c.deviation, c.check_ratios) == ("hkvd", "v", (0.15,))
     assert config("blend[hkvd]-k").deviation == "k"
     assert config("blend[qkvd]-kv").deviation == "kv"
     assert config("blend+first16").first_k == 16
-    c = config("blend[hkvd]-v+first8@0.3")
+    c = config("blend[hkvd]-v+first8@0.3:L1")
     assert (c.deviation, c.first_k, c.check_ratios) == ("v", 8, (0.3,))
-    # The default selector (qa) reads no deviation: a deviation alone would silently do nothing.
+    # qa alone reads no deviation: a deviation with it would silently do nothing.
     with pytest.raises(MethodSpecError, match=r"blend\[hkvd\]-v"):
-        config("blend-v@0.15")
+        config("blend[qa]-v@0.15")
+    assert config("blend-v@0.15").deviation == "v"  # the default's second stage reads it
 
 
 def test_gradual_and_schedules():
