@@ -5,6 +5,10 @@ interval, and on how many examples A is the better one.
     .venv/bin/python benchmarks/paired_kl.py runs/sel4 'blend[qa]+probe30@0.12:L0' \
         'blend[qa]+probe30@0.12:L0/preamble' musique 2wikimqa multi_news samsum
 
+With ``--pooled``, every difference is also divided by its dataset's best-reuse KL (the lower
+mean of ``reuse`` and ``reuse/preamble`` in A's run) and the pooled mean over all examples is
+given with its interval: the difference in the share of reuse's loss recovered.
+
 With ``--run-b``, B's rows come from another run (the same method at two commits):
 
     .venv/bin/python benchmarks/paired_kl.py runs/sel5 'blend[qa]+probe30@0.12:L0' \
@@ -18,6 +22,8 @@ import json
 from pathlib import Path
 
 from cacheblend.eval.metrics import bootstrap_interval, mean_of
+
+REUSES = ("reuse", "reuse/preamble")
 
 
 def kl_by_example(path: Path, method: str) -> dict[str, float]:
@@ -33,7 +39,10 @@ def main() -> None:
     parser.add_argument("b")
     parser.add_argument("datasets", nargs="+")
     parser.add_argument("--run-b", help="where B's rows are (default: the same run)")
+    parser.add_argument("--pooled", action="store_true",
+                        help="also pool the datasets, each difference over best reuse's KL")
     args = parser.parse_args()
+    pooled = []
     for dataset in args.datasets:
         path = Path(args.run) / dataset / "results.jsonl"
         path_b = Path(args.run_b or args.run) / dataset / "results.jsonl"
@@ -44,6 +53,14 @@ def main() -> None:
         better = sum(d < 0 for d in diff)
         print(f"{dataset:10s} n={len(common)}  KL(A) - KL(B) = {mean_of(diff):+.4f} "
               f"[{low:+.4f}, {high:+.4f}]  A better on {better}/{len(common)}")
+        if args.pooled:
+            reuse = min((kl_by_example(path, m) for m in REUSES), key=lambda kl: (
+                mean_of(list(kl.values())) if kl else float("inf")))
+            pooled += [d / mean_of(list(reuse.values())) for d in diff]
+    if pooled:
+        low, high = bootstrap_interval(mean_of, pooled)
+        print(f"pooled     n={len(pooled)}  (KL(A) - KL(B)) / best reuse's KL = "
+              f"{mean_of(pooled):+.4f} [{low:+.4f}, {high:+.4f}]")
 
 
 if __name__ == "__main__":
