@@ -6,7 +6,8 @@ interval, and on how many examples A is the better one.
         'blend[qa]+probe30@0.12:L0/preamble' musique 2wikimqa multi_news samsum
 
 With ``--pooled``, every difference is also divided by its dataset's best-reuse KL (the lower
-mean of ``reuse`` and ``reuse/preamble`` in A's run) and the pooled mean over all examples is
+mean, over the examples compared, of ``reuse``, ``reuse/preamble`` or ``reuse/prefix`` in A's
+run) and the pooled mean over all examples is
 given with its interval: the difference in the share of reuse's loss recovered.
 
 With ``--run-b``, B's rows come from another run (the same method at two commits):
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from cacheblend.eval.metrics import bootstrap_interval, mean_of
 
-REUSES = ("reuse", "reuse/preamble")
+REUSES = ("reuse", "reuse/preamble", "reuse/prefix")
 
 
 def kl_by_example(path: Path, method: str) -> dict[str, float]:
@@ -54,9 +55,12 @@ def main() -> None:
         print(f"{dataset:10s} n={len(common)}  KL(A) - KL(B) = {mean_of(diff):+.4f} "
               f"[{low:+.4f}, {high:+.4f}]  A better on {better}/{len(common)}")
         if args.pooled:
-            reuse = min((kl_by_example(path, m) for m in REUSES), key=lambda kl: (
-                mean_of(list(kl.values())) if kl else float("inf")))
-            pooled += [d / mean_of(list(reuse.values())) for d in diff]
+            reuses = [kl_by_example(path, m) for m in REUSES]
+            reuses = [r for r in reuses if set(common) <= set(r)]
+            if not reuses:
+                parser.error(f"{dataset}: --pooled needs reuse rows for every example in A's run")
+            scale = min(mean_of([r[e] for e in common]) for r in reuses)
+            pooled += [d / scale for d in diff]
     if pooled:
         low, high = bootstrap_interval(mean_of, pooled)
         print(f"pooled     n={len(pooled)}  (KL(A) - KL(B)) / best reuse's KL = "

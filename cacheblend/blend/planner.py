@@ -9,8 +9,11 @@ builds the plan:
 | full | none | every token | no |
 | prefix | longest chain of exact prefix entries | the rest | no |
 | reuse | prefix + every chunk | suffix | no |
-| epic | prefix + every chunk | first k tokens of each chunk + suffix | no |
-| blend | prefix + every chunk | every chunk token + suffix | to the selected tokens |
+| epic | prefix + every chunk | first k tokens of each inexact chunk + suffix | no |
+| blend | prefix + every chunk | every inexact chunk token + suffix | to the selected tokens |
+
+An exact chunk (``exact_chunks``: its entry was computed after exactly the tokens before it, at
+the same positions) is what a full prefill computes; blend below ratio 1 and epic skip it.
 
 blend's check selectors come from the request's BlendConfig (``selector``, ``coverage``,
 ``first_k``) through ``blend.select.make_selector``.

@@ -99,6 +99,13 @@ class MethodSpec:
         if self.gradual:
             changes["check_layers"] = tuple(layer for layer, _ in GRADUAL_SCHEDULE)
             changes["check_ratios"] = tuple(r for _, r in GRADUAL_SCHEDULE)
+        layers = len(changes.get("check_layers", base.check_layers))
+        if self.selector is None and not isinstance(base.selector, str) and \
+                len(base.selector) != layers:
+            raise MethodSpecError(
+                f"method spec {self.label!r}: the default names one selector per check layer "
+                f"({', '.join(base.selector)}), and this schedule has {layers}; name the "
+                f"selector, e.g. blend[qa]... or blend[hkvd]-k...")
         config = replace(base, **changes)
         if self.ratio is not None and self.schedule is None:
             config = config.with_ratio(self.ratio)

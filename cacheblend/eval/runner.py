@@ -85,6 +85,11 @@ class EvalPlan:
         return cls(specs, max_tokens or prompt.max_tokens, decode, prompt.min_tokens, progress)
 
 
+# Bumped when the engine computes a config's rows differently (2: exact chunks are not
+# recomputed, issue 12 round 4), so a resumed run never mixes rows from before and after.
+FUSION_VERSION = 2
+
+
 def setting_of(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, seed: int) -> dict:
     """Everything that changes a row's numbers (the example selection does not)."""
     blend = asdict(engine.config.blend)
@@ -105,6 +110,7 @@ def setting_of(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, seed: int
         "loading": engine.config.loading,
         "prompts": prompts_version(dataset.kind),
         "blend_defaults": blend,
+        "fusion": FUSION_VERSION,
         **plan.extra_setting,
     }
 

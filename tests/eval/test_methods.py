@@ -107,6 +107,10 @@ def test_selectors_coverage_and_probe():
     assert (config.check_layers, config.check_ratios) == ((0, 4), (0.2, 0.1))
     with pytest.raises(ConfigError):  # two selectors, one check layer
         parse_method("blend[qa,qkvd]@0.1:L0").blend_config(BlendConfig())
+    # The default's two selectors do not fit a one-layer schedule: the spec must name one.
+    with pytest.raises(MethodSpecError, match=r"name the selector"):
+        parse_method("blend@0.15:L1").blend_config(BlendConfig())
+    assert parse_method("blend[qa]@0.15:L1").blend_config(BlendConfig()).selectors == ("qa",)
     for bad in ("blend[nope]", "blend~1.5", "reuse[qa]", "epic[qa]", "blend[qa][qkvd]",
                 "blend[qa,nope]"):
         with pytest.raises(MethodSpecError):
