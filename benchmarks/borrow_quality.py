@@ -14,10 +14,10 @@ stores hold only what ``Engine.ingest`` wrote, so every chunk is borrowed (check
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
+from quality_args import dataset_parser
 from tqdm import tqdm
 
 from cacheblend.config import BlendConfig, load_config
@@ -37,11 +37,7 @@ METHODS = ("reuse", "blend")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="musique")
-    parser.add_argument("--limit", type=int, default=50)
-    parser.add_argument("--passage-tokens", type=int, default=320)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = dataset_parser(__doc__)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(device="cpu")

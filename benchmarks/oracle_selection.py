@@ -22,11 +22,11 @@ KL recovered (reuse in prefix and preamble mode, both computed here):
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 
 import torch
+from quality_args import dataset_parser
 from tqdm import tqdm
 
 from cacheblend.blend.fusor import FusionPlan
@@ -163,11 +163,7 @@ def run_ranked(engine: Engine, plan: FusionPlan, score: torch.Tensor, budget: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="musique")
-    parser.add_argument("--limit", type=int, default=50)
-    parser.add_argument("--passage-tokens", type=int, default=320)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = dataset_parser(__doc__)
     parser.add_argument("--skip", type=int, default=0, help="leave out the first N examples")
     parser.add_argument("--no-oracles", action="store_true", help="staged schedules only")
     parser.add_argument("--staged", help="a:L[:b],... (default: %(default)s)",
