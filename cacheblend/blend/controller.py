@@ -9,13 +9,14 @@ token-layer, from every fused prefill). Per request it
 - raises the recompute ratio above the requested one where the extra recompute hides under the
   time the loads take anyway (the paper's rule): loading a request's entries costs
   ``bytes / lookup rate + bytes / device load rate``; recomputing a ratio r of the chunk tokens
-  after the first check layer costs ``r x chunk tokens x layers after it x seconds per
+  after the last check layer costs ``r x chunk tokens x layers after it x seconds per
   token-layer``; the ratio where the two meet is the largest that costs no time. On this CPU
   loading is ~100x cheaper than recompute, so it keeps the requested ratio; on a GPU, where
   entries cross PCIe (~25 GB/s pinned) and bf16 recompute is fast, it matters. Never below
   ``min_ratio``;
 - falls back to a plain prefill when too few chunk tokens hit for blending to pay: computing the
-  misses first and then blending would cost more than a full prefill. The missed chunks are
+  misses first and then blending (every chunk token to the first check layer, each check's
+  share to the next: ``blend_fraction``) would cost more than a full prefill. The missed chunks are
   still precomputed and stored, after the answer, so the next request hits.
 """
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+
+from cacheblend.config import BlendConfig
 
 
 @dataclass(frozen=True)
@@ -72,26 +75,39 @@ class LoadingController:
                 self.seconds_per_token_layer = self._update(self.seconds_per_token_layer,
                                                             seconds / token_layers)
 
-    def blend_fraction(self, ratio: float, first_check_layer: int) -> float:
-        """Share of a full prefill's token-layers a blend at ``ratio`` computes (chunk part)."""
-        full_layers = min(first_check_layer + 1, self.num_layers)
-        return (full_layers + ratio * (self.num_layers - full_layers)) / self.num_layers
+    def blend_fraction(self, check_layers: tuple[int, ...],
+                       check_ratios: tuple[float, ...]) -> float:
+        """Share of a full prefill's token-layers a blend with this schedule computes (its chunk
+        part): every chunk token through the first check layer, then each check's share of them
+        up to the next check, the last check's to the last layer."""
+        last = self.num_layers - 1
+        bounds = [min(layer, last) for layer in check_layers] + [last]
+        computed = bounds[0] + 1
+        for ratio, start, end in zip(check_ratios, bounds, bounds[1:]):
+            computed += ratio * (end - start)
+        return computed / self.num_layers
 
-    def decide(self, method: str, ratio: float, first_check_layer: int, chunk_tokens: int,
-               missed_tokens: int, load_bytes: int, fallback: bool = True) -> Decision:
+    def decide(self, method: str, blend: BlendConfig, chunk_tokens: int, missed_tokens: int,
+               load_bytes: int) -> Decision:
+        """Serve ``method`` as asked, fall back to a full prefill when too many chunk tokens
+        missed for a blend to pay (``blend.fallback``), or raise blend's ratio to hide the load."""
+        ratio = blend.ratio
         if method not in ("blend", "reuse", "epic") or chunk_tokens == 0:
             return Decision(method, ratio, "no chunks to fuse")
         ratio = max(ratio, self.min_ratio)
-        if fallback and method == "blend":
+        if blend.fallback and method == "blend":
             # Token-layer costs relative to a full prefill of the chunks: misses are computed
             # in full first, then the blend runs over all chunk tokens.
-            blend_cost = missed_tokens + self.blend_fraction(ratio, first_check_layer) * chunk_tokens
+            schedule = blend.with_ratio(ratio)
+            fraction = self.blend_fraction(schedule.check_layers, schedule.check_ratios)
+            blend_cost = missed_tokens + fraction * chunk_tokens
             if blend_cost > chunk_tokens:
                 return Decision("full", ratio, f"{missed_tokens}/{chunk_tokens} chunk tokens "
                                 "missed: a full prefill is cheaper; misses stored afterwards")
         load_s = self.load_seconds(load_bytes)
         if method == "blend" and load_s is not None and self.seconds_per_token_layer:
-            per_ratio_s = chunk_tokens * (self.num_layers - first_check_layer - 1) * \
+            # the ratio is what runs after the last check layer
+            per_ratio_s = chunk_tokens * (self.num_layers - blend.check_layers[-1] - 1) * \
                 self.seconds_per_token_layer
             hidden_ratio = load_s / per_ratio_s if per_ratio_s > 0 else 0.0
             if hidden_ratio > ratio:

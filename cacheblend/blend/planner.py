@@ -191,9 +191,8 @@ class Planner:
         missed = [i for i, e in enumerate(entries[1:]) if e is None]
         chunk_tokens = sum(len(c) for c in segments.chunks)
         lookup.missed_tokens = sum(len(segments.chunks[i]) for i in missed)
-        decision = self.controller.decide(
-            method, blend.ratio, blend.check_layers[0], chunk_tokens, lookup.missed_tokens,
-            lookup.load_bytes, fallback=blend.fallback)
+        decision = self.controller.decide(method, blend, chunk_tokens, lookup.missed_tokens,
+                                          lookup.load_bytes)
         lookup.reason = decision.reason
         if decision.method == "full":
             lookup.deferred = missed

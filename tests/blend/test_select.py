@@ -473,3 +473,24 @@ def test_the_hkvd_config_file_is_cacheblends_own_selection():
     assert BlendConfig().precompute == "prefix"
     preamble = load_config(path.with_name("preamble.yaml")).blend  # rounds 1-2's mode
     assert preamble == BlendConfig(precompute="preamble", deviation="k")
+
+
+def test_the_controllers_cost_model_follows_every_stage():
+    """blend_fraction: every chunk token to the first check, each check's share to the next;
+    the full-prefill fallback compares misses + that fraction with a full prefill."""
+    from cacheblend.blend.controller import LoadingController
+
+    controller = LoadingController(num_layers=30)
+    one = controller.blend_fraction((1,), (0.15,))
+    assert one == pytest.approx((2 + 0.15 * 28) / 30)  # CacheBlend's: layers 0-1, then 15%
+    two = controller.blend_fraction((0, 4), (0.1725, 0.115))
+    assert two == pytest.approx((1 + 0.1725 * 4 + 0.115 * 25) / 30)
+    blend = BlendConfig()  # the default's two stages
+    fraction = controller.blend_fraction(blend.check_layers, blend.check_ratios)
+    chunk_tokens = 1000
+    fits = int(chunk_tokens * (1 - fraction))  # the most misses for which blending still pays
+    assert controller.decide("blend", blend, chunk_tokens, fits, 0).method == "blend"
+    assert controller.decide("blend", blend, chunk_tokens, fits + 1, 0).method == "full"
+    no_fallback = BlendConfig(fallback=False)
+    assert controller.decide("blend", no_fallback, chunk_tokens, chunk_tokens, 0).method == \
+        "blend"
