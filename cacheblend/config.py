@@ -17,6 +17,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")  # see cacheblend.device
 # hkvd: KV deviation (CacheBlend); qa: the question's attention; qkvd: deviation x attention;
 # qa-chunk: per-chunk budget by the question's attention, HKVD inside. See blend/select.py.
 SELECTORS = ("hkvd", "qa", "qkvd", "qa-chunk")
+DEFAULT_DRIFT = (1.0, 0.5)  # BlendConfig.drift: picked on development prompts (docs/results.md)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class BlendConfig:
     layers first (-1: every layer) and rank by that attention (its cost is taken out of the
     ratio). probe_tail: a suffix too long to probe whole within half the budget (SAMSum's
     dialogue) is probed by its last probe_tail tokens; if even those do not fit, HKVD selects.
+    drift: (key, value) scales of the drift correction (blend/drift.py): at every layer after
+    the first, each chunk's cached rows that are not recomputed are moved by the mean of
+    (fresh - cached) over the chunk's recomputed tokens, times these scales; (0, 0) turns it
+    off (CacheBlend's blend).
     precompute: the context a chunk is computed after before it is stored (PRECOMPUTE_MODES:
     nothing, one BOS token, ``preamble``, or the request's prefix); it is part of the entry's
     key. borrow: in ``prefix`` mode, a chunk missing under the request's prefix is read from its
@@ -58,6 +63,7 @@ class BlendConfig:
     probe_layers: int = -1  # != 0: query-aware selectors read a probe of the suffix (blend/probe.py)
     probe_tail: int = 8  # a long suffix: probe its last 8 tokens (picked on 16 SAMSum prompts)
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
+    drift: tuple[float, float] = DEFAULT_DRIFT
     epic_k: int = 16
     # Chunks are precomputed after the request's prefix (system prompt and instruction): with
     # the query-aware default, KL halves on SAMSum and moves by under 0.01 elsewhere (slightly
@@ -99,6 +105,12 @@ class BlendConfig:
             raise ConfigError("check_ratios must lie in [0, 1]")
         if list(self.check_ratios) != sorted(self.check_ratios, reverse=True):
             raise ConfigError("check_ratios must not increase (each check layer narrows the set)")
+        if (not isinstance(self.drift, tuple) or len(self.drift) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0
+                       for x in self.drift)):
+            raise ConfigError(f"drift must be two numbers >= 0 (key and value scales; [0, 0]: "
+                              f"off), got {self.drift!r}")
+        object.__setattr__(self, "drift", tuple(float(x) for x in self.drift))
         if self.epic_k < 0 or self.first_k < 0:
             raise ConfigError("epic_k and first_k must be >= 0")
         if not isinstance(self.borrow, bool):

@@ -8,7 +8,9 @@ computed from layer 0 (``active``), and at which layers the computed chunk token
 2. q/k/v of the active tokens are computed; at a check layer, their fresh K/V are compared with
    the cached rows and a selector keeps the high-deviation chunk tokens (tokens outside chunks,
    the suffix above all, are always kept);
-3. fresh K/V overwrite the cached rows of the tokens computed at this layer;
+3. blend (``FusionPlan.drift``): each chunk's cached rows move by the mean drift (fresh minus
+   cached) of the chunk's tokens computed at this layer (blend/drift.py); then fresh K/V
+   overwrite the cached rows of the tokens computed at this layer;
 4. the kept queries attend with the exact causal mask: query position p sees every key <= p.
 
 full: nothing cached, all active. prefix: cached exact prefix, the rest active. reuse: chunks
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cacheblend.blend.drift import DriftCorrection
 from cacheblend.blend.loader import CachedSpan, LayerLoader
 from cacheblend.blend.probe import probe_attention, suffix_count
 from cacheblend.blend.select import Candidates, Selector, kv_deviation, output_share, suffix_probs
@@ -57,6 +60,9 @@ class FusionPlan:
     # What a check ratio is a share of: every chunk token of the prompt (0: those of chunk_spans).
     # The planner leaves exact chunks out of chunk_spans (nothing to fuse) but not out of this.
     num_chunk_tokens: int = 0
+    # (key, value) scales of the drift correction of chunk rows not recomputed (blend/drift.py);
+    # (0, 0): off.
+    drift: tuple[float, float] = (0.0, 0.0)
     # Derived on the host at construction:
     kind: str = field(init=False)  # attention of the active set: causal | tail | scattered
     num_chunk_active: int = field(init=False)  # active positions inside chunks
@@ -128,6 +134,7 @@ class _Pass:
     active_per_layer: list[int] = field(default_factory=list)
     computed: torch.Tensor | None = None
     probed: torch.Tensor | None = None  # (T,) the last position's output shares from a probe
+    drift: DriftCorrection | None = None
 
     @property
     def n(self) -> int:
@@ -212,6 +219,8 @@ class Fusor:
             num_candidates=plan.num_chunk_active,
             recomputes_cached=plan.recomputes_cached,
             captured=[] if plan.capture else None,
+            drift=(DriftCorrection(plan.chunk_spans, total, plan.drift, self.runner.rope, device)
+                   if any(plan.drift) and plan.checks and plan.chunk_spans else None),
         )
 
     def _layer(self, index: int, plan: FusionPlan, selector: Selector | None, state: _Pass,
@@ -232,6 +241,8 @@ class Fusor:
         keep = None
         if selector is not None:
             keep = self._select(plan, selector, state, k, v, layer_keys, layer_values, q, rope)
+        if state.drift is not None and index > 0:  # layer 0's K/V depend on the token alone
+            state.drift.correct(rope, state.positions, k_raw, v, layer_keys, layer_values)
         # Fresh K/V overwrite cached rows for every token computed at this layer.
         layer_keys[:, state.positions] = k
         layer_values[:, state.positions] = v

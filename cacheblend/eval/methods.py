@@ -19,6 +19,9 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
                                             suffix over the cached KV, first INT layers, or
                                             every layer without INT (its cost comes out of
                                             the ratio: blend/probe.py)
+               | "+drift" | "+nodrift"      blend: drift correction on (the config's scales, or
+                                            DEFAULT_DRIFT where the config has it off) or off
+                                            (blend/drift.py; CacheBlend's blend has none)
                | "@" NUMBER                 blend: recompute ratio; epic: k (tokens per chunk)
     schedule  := "L" INT ["=" RATIO] ("," "L" INT ["=" RATIO])*
                                             blend: check layers and their ratios; the last
@@ -30,7 +33,7 @@ Examples: ``blend@0.05``, ``blend-v@0.15``, ``blend-kv``, ``blend-gradual``,
 ``blend[qkvd]@0.15:L2`` (check layer 2), ``blend[qkvd]@0.15:L1=0.3,L2`` (two stages),
 ``blend[qa-chunk]~0.5@0.3`` (adaptive, at most 30%), ``blend[qkvd]+probe30@0.15``,
 ``blend[qa,qkvd]+probe30@0.1:L0=0.2,L4`` (the question's attention at layer 0, then attention x
-deviation at layer 4).
+deviation at layer 4), ``blend[hkvd]-k+nodrift@0.15:L1`` (CacheBlend's own).
 
 A spec turns into (engine method, BlendConfig); ``MethodSpec.request_blend(engine)`` is the
 BlendConfig a request carries to be served that way (a per-request setting: the engine itself
@@ -42,7 +45,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from cacheblend.config import METHODS, PRECOMPUTE_MODES, SELECTORS, BlendConfig
+from cacheblend.config import DEFAULT_DRIFT, METHODS, PRECOMPUTE_MODES, SELECTORS, BlendConfig
 from cacheblend.errors import ConfigError
 
 GRADUAL_SCHEDULE = ((1, 0.3), (4, 0.15))
@@ -68,6 +71,7 @@ class MethodSpec:
     selector: str | tuple[str, ...] | None = None
     coverage: float | None = None
     probe_layers: int | None = None
+    drift: bool | None = None
 
     @property
     def uses_chunks(self) -> bool:
@@ -90,6 +94,9 @@ class MethodSpec:
             changes["coverage"] = self.coverage
         if self.probe_layers is not None:
             changes["probe_layers"] = self.probe_layers
+        if self.drift is not None:
+            on = base.drift if any(base.drift) else DEFAULT_DRIFT
+            changes["drift"] = on if self.drift else (0.0, 0.0)
         if self.schedule is not None:
             last_ratio = self.schedule[-1][1]
             ratio = self.ratio if last_ratio is None else last_ratio
@@ -122,7 +129,8 @@ class MethodSpec:
 
 
 _MODIFIER = re.compile(
-    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|@[0-9.]+|~[0-9.]+|\[[a-z,-]+\])")
+    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|\+drift|\+nodrift|@[0-9.]+|~[0-9.]+"
+    r"|\[[a-z,-]+\])")
 
 
 def parse_method(text: str, precompute: str | None = None) -> MethodSpec:
@@ -210,6 +218,8 @@ def _apply_modifier(text: str, method: str, modifier: str, fields: dict) -> None
         once("deviation", modifier[1:])
     elif modifier == "-gradual":
         once("gradual", True)
+    elif modifier in ("+drift", "+nodrift"):
+        once("drift", modifier == "+drift")
     elif modifier.startswith("+probe"):
         once("probe_layers", int(modifier[len("+probe"):] or -1))  # "+probe": every layer
     else:  # +firstN

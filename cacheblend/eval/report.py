@@ -67,8 +67,10 @@ def _share(value, interval=None) -> str:
 # of issue 12: named with its mode since the default mode is prefix (round 3), without it in
 # earlier runs, and only as "blend" before issue 12; all are read the same way.
 # CacheBlend's HKVD (key deviation, check layer 1, 15%) in its best mode: the TTFT yardstick.
-# Named with -k since the default deviation became kv (round 4); earlier runs' labels follow.
-BLEND_BASELINES = ("blend[hkvd]-k@0.15:L1/preamble", "blend[hkvd]@0.15:L1/preamble",
+# Named with -k since the default deviation became kv (round 4) and +nodrift since the default
+# corrects drift (round 5); earlier runs' labels follow.
+BLEND_BASELINES = ("blend[hkvd]-k+nodrift@0.15:L1/preamble", "blend[hkvd]-k@0.15:L1/preamble",
+                   "blend[hkvd]@0.15:L1/preamble",
                    "blend[hkvd]@0.15:L1", "blend")
 
 

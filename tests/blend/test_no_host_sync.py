@@ -30,6 +30,7 @@ from cacheblend.blend.select import (
     FirstKSelector,
     HKVDSelector,
     QueryAttentionSelector,
+    QueryDeviationSelector,
     UnionSelector,
 )
 from cacheblend.kv import RequestKV
@@ -120,6 +121,11 @@ def plans(cached: list[CachedSpan]) -> dict[str, FusionPlan]:
         "blend-tail-probed": FusionPlan(ids, torch.cat([chunk_positions, suffix]), cached, SPANS,
                                         [(0, QueryAttentionSelector(0.12))], probe_layers=99,
                                         probe_tokens=2),  # a long suffix: its last 2 tokens
+        # The default's shape: two stages, drift correction (blend/drift.py) at every layer.
+        "blend-default": FusionPlan(ids, torch.cat([chunk_positions, suffix]), cached, SPANS,
+                                    [(0, QueryAttentionSelector(0.1725)),
+                                     (2, QueryDeviationSelector(0.115))], deviation="kv",
+                                    probe_layers=99, drift=(1.0, 0.5)),
         "blend-gradual": FusionPlan(ids, torch.cat([chunk_positions, suffix]), cached, SPANS,
                                     [(1, UnionSelector(HKVDSelector(0.3), FirstKSelector(2))),
                                      (2, HKVDSelector(0.15))]),
@@ -166,6 +172,8 @@ def test_fused_prefill_never_reads_the_device(kind, loading, monkeypatch):
     # The default's shape: a probe of every layer, then the last position's attention ranks at
     # layer 0, a fixed budget: no read either.
     assert results["blend-probed"].active_per_layer == [SUFFIX + math.ceil(0.12 * 46)] * layers
+    assert results["blend-default"].active_per_layer == (
+        [SUFFIX + math.ceil(0.1725 * 46)] * 2 + [SUFFIX + math.ceil(0.115 * 46)] * (layers - 2))
     assert results["prefix"].captured is not None and len(results["prefix"].captured) == layers
     assert len(syncs) == 1  # only the union selector's check layer reads back, once
 

@@ -468,11 +468,12 @@ def test_the_hkvd_config_file_is_cacheblends_own_selection():
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "hkvd.yaml"
     assert load_config(path).blend == BlendConfig(selector="hkvd", probe_layers=0,
                                                   check_layers=(1,), check_ratios=(0.15,),
-                                                  deviation="k", precompute="preamble")
+                                                  deviation="k", precompute="preamble",
+                                                  drift=(0.0, 0.0))
     assert BlendConfig().selector == ("qa", "qkvd") and BlendConfig().probe_layers == -1
     assert BlendConfig().precompute == "prefix"
     preamble = load_config(path.with_name("preamble.yaml")).blend  # rounds 1-2's mode
-    assert preamble == BlendConfig(precompute="preamble", deviation="k")
+    assert preamble == BlendConfig(precompute="preamble", deviation="k", drift=(0.0, 0.0))
 
 
 def test_the_controllers_cost_model_follows_every_stage():

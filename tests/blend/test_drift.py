@@ -1,0 +1,113 @@
+"""Drift correction (blend/drift.py): a chunk's shared K/V offset, measured on its recomputed
+rows, moves its other cached rows; nothing else moves; blend at ratio 1 is still exact."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import transformers
+
+from cacheblend.blend.drift import DriftCorrection
+from cacheblend.config import BlendConfig, load_config
+from cacheblend.engine import GenerateRequest
+from cacheblend.errors import ConfigError
+from cacheblend.eval.methods import parse_method
+from cacheblend.model.random import shape_config
+from cacheblend.model.runner import ModelRunner
+
+TOTAL = 20
+SPANS = [(2, 8), (8, 14), (15, 18)]  # rows 0-1 (prefix), 14 (between chunks), 18-19: outside
+COMPUTED = torch.tensor([3, 5, 9, 10, 11, 19])  # two rows of chunk 0, three of chunk 1, suffix
+
+
+@pytest.fixture(scope="module")
+def rope():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(shape_config("tiny"))
+    return ModelRunner(model).rope
+
+
+def layer_rows(rope, heads: int = 2):
+    """True pre-RoPE K/V of every row, per-chunk offsets, and the layer as the loader leaves it:
+    each chunk row cached as true minus its chunk's offset, keys rotated to their positions."""
+    head_dim = rope.cos.shape[-1]
+    true_k, true_v = torch.randn(heads, TOTAL, head_dim), torch.randn(heads, TOTAL, head_dim)
+    offset_k, offset_v = torch.zeros_like(true_k), torch.zeros_like(true_v)
+    for start, end in SPANS:
+        offset_k[:, start:end] = torch.randn(heads, 1, head_dim)
+        offset_v[:, start:end] = torch.randn(heads, 1, head_dim)
+    positions = torch.arange(TOTAL)
+    keys = rope.apply(true_k - offset_k, positions)
+    values = true_v - offset_v
+    return true_k, true_v, keys, values
+
+
+def test_a_shared_offset_is_removed_from_the_rows_not_recomputed(rope):
+    true_k, true_v, keys, values = layer_rows(rope)
+    cached_keys, cached_values = keys.clone(), values.clone()
+    drift = DriftCorrection(SPANS, TOTAL, (1.0, 1.0), rope, torch.device("cpu"))
+    drift.correct(rope, COMPUTED, true_k[:, COMPUTED], true_v[:, COMPUTED], keys, values)
+    fixed = [p for p in range(2, 14) if p not in COMPUTED.tolist()]  # chunks 0 and 1
+    exact_keys = rope.apply(true_k, torch.arange(TOTAL))
+    assert (keys[:, fixed] - exact_keys[:, fixed]).abs().max() < 1e-5
+    assert (values[:, fixed] - true_v[:, fixed]).abs().max() < 1e-5
+    # Chunk 2 has no recomputed row: nothing measured, nothing moved; nor rows outside chunks.
+    untouched = [0, 1, 14, 15, 16, 17, 18, 19]
+    assert torch.equal(keys[:, untouched], cached_keys[:, untouched])
+    assert torch.equal(values[:, untouched], cached_values[:, untouched])
+
+
+def test_the_scales_weigh_keys_and_values_apart(rope):
+    true_k, true_v, keys, values = layer_rows(rope)
+    cached_keys, cached_values = keys.clone(), values.clone()
+    drift = DriftCorrection(SPANS, TOTAL, (0.5, 0.0), rope, torch.device("cpu"))
+    drift.correct(rope, COMPUTED, true_k[:, COMPUTED], true_v[:, COMPUTED], keys, values)
+    rows = [4, 6, 7, 12, 13]
+    exact_keys = rope.apply(true_k, torch.arange(TOTAL))
+    halfway = (cached_keys[:, rows] + exact_keys[:, rows]) / 2
+    assert (keys[:, rows] - halfway).abs().max() < 1e-5
+    assert torch.equal(values, cached_values)  # value scale 0: values untouched
+
+
+def test_drift_config_and_specs():
+    assert BlendConfig().drift == (1.0, 0.5)
+    assert load_config(None, blend={"drift": [0, 0]}).blend.drift == (0.0, 0.0)
+    for bad in ((1.0,), (1.0, -0.5), ("a", 1.0), (True, 1.0)):
+        with pytest.raises(ConfigError, match="drift"):
+            BlendConfig(drift=bad)
+    off = BlendConfig(drift=(0.0, 0.0))
+    assert parse_method("blend[hkvd]-k+nodrift@0.15:L1").blend_config(BlendConfig()).drift == (
+        0.0, 0.0)
+    assert parse_method("blend+drift").blend_config(off).drift == BlendConfig().drift
+    assert parse_method("blend+drift").blend_config(
+        BlendConfig(drift=(0.7, 0.2))).drift == (0.7, 0.2)
+    assert parse_method("blend").blend_config(off).drift == (0.0, 0.0)
+
+
+DOCS = [
+    "The Greywater Lighthouse was designed by Miriam Osk and completed in 1798. " * 3,
+    "Miriam Osk was born in 1761 in the mountain village of Tarn Hollow. " * 3,
+    "The Vesk river reaches the sea at Port Alder after one hundred and forty kilometres. " * 3,
+]
+QUESTION = "Where was the designer of the lighthouse born?"
+
+
+def test_drift_correction_moves_blend_towards_full_prefill(engine_factory):
+    """On the bundled model, at the default's ratio: lower first-token KL than the same blend
+    without the correction, at the same recompute count."""
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(DOCS, progress=False)
+    _, full, _ = engine.prefill(GenerateRequest(question=QUESTION, documents=DOCS,
+                                                method="full"))
+    results = {}
+    for name, drift in (("on", BlendConfig().drift), ("off", (0.0, 0.0))):
+        blend = replace(engine.config.blend, drift=drift)
+        _, logits, stats = engine.prefill(GenerateRequest(question=QUESTION, documents=DOCS,
+                                                          method="blend", blend=blend))
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), full.log_softmax(-1),
+                                        log_target=True, reduction="sum").item()
+        results[name] = (kl, stats.recomputed_tokens)
+    assert results["on"][1] == results["off"][1] > 0
+    assert results["on"][0] < results["off"][0]
