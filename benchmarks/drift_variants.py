@@ -52,12 +52,12 @@ class OracleDrift:
     def __enter__(self):
         oracle = self
 
-        def correct(drift, rope, positions, fresh_k_raw, fresh_v, layer_keys, layer_values):
+        def correct(drift, positions, count, fresh_k_raw, fresh_v, layer_keys, layer_values):
             oracle.layer += 1
             full_k, full_v = oracle.captured[oracle.layer]
             every = torch.arange(drift.begin, drift.end, device=positions.device)
             every = every[drift.chunk_of[every] < drift.num_chunks]  # chunk rows only
-            oracle.original(drift, rope, every, full_k[:, every], full_v[:, every],
+            oracle.original(drift, every, every.shape[0], full_k[:, every], full_v[:, every],
                             layer_keys, layer_values)
 
         DriftCorrection.correct = correct

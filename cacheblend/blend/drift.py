@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from cacheblend.model.rope import RopeTable, rotate_half
+from cacheblend.model.rope import RopeTable, apply_rope, rotate_half
 
 
 class DriftCorrection:
@@ -31,48 +31,63 @@ class DriftCorrection:
                  rope: RopeTable, device: torch.device) -> None:
         self.num_chunks = len(spans)
         self.key_scale, self.value_scale = scale
-        # chunk_of[p]: the chunk of position p, or num_chunks (a bin never applied) outside.
+        self.rope = rope
+        # chunk_of[p]: the chunk of position p; num_chunks outside every chunk.
         chunk_of = torch.full((total,), self.num_chunks, dtype=torch.long)
         for index, (start, end) in enumerate(spans):
             chunk_of[start:end] = index
         self.chunk_of = chunk_of.to(device)
         # The rows from the first chunk's start to the last one's end, as one slice, and which
-        # chunk's offset each takes (one-hot; none for a row between chunks): the offsets of a
-        # layer reach every row in one small matrix product, not a gather per row.
+        # chunk's offset each takes (one-hot; none for a row between chunks): a layer's offsets
+        # reach every row in one small matrix product, not a gather per row.
         self.begin, self.end = min(s for s, _ in spans), max(e for _, e in spans)
-        rows = self.chunk_of[self.begin:self.end]
-        self.one_hot = torch.nn.functional.one_hot(rows, self.num_chunks + 1)[:, :-1].float()
+        self.one_hot = torch.nn.functional.one_hot(
+            self.chunk_of[self.begin:self.end], self.num_chunks + 1)[:, :-1].float()  # (R, C)
         # A key offset is rotated to its row's position: R_p d = cos_p * d + sin_p * rh(d).
-        self.cos = rope.cos[self.begin:self.end].to(device)
-        self.sin = rope.sin[self.begin:self.end].to(device)
+        self.cos = rope.cos[self.begin:self.end]
+        self.sin = rope.sin[self.begin:self.end]
+        self._measured: tuple[torch.Tensor, int] | None = None  # the computed set last seen
 
-    def correct(self, rope: RopeTable, positions: torch.Tensor, fresh_k_raw: torch.Tensor,
+    def correct(self, positions: torch.Tensor, count: int, fresh_k_raw: torch.Tensor,
                 fresh_v: torch.Tensor, layer_keys: torch.Tensor,
                 layer_values: torch.Tensor) -> None:
         """Offset every chunk row of this layer by its chunk's mean drift, measured on the
-        rows computed here (``positions``, sorted; their fresh pre-RoPE keys and values, each
-        (KV, n, hd)). ``layer_keys`` / ``layer_values`` (KV, T, hd) still hold the cached rows
-        at ``positions`` (the caller writes the fresh ones after this call)."""
-        heads, n, head_dim = fresh_v.shape
-        chunk = self.chunk_of[positions]  # (n,); rows outside chunks fall in the last bin
-        cached_k = rope.unapply(layer_keys[:, positions], positions)
-        drift = torch.cat([fresh_k_raw.float() - cached_k.float(),
-                           fresh_v.float() - layer_values[:, positions].float()], dim=0)
-        bins = self.num_chunks + 1
-        total = torch.zeros((bins, 2 * heads * head_dim), device=drift.device).index_add_(
-            0, chunk, drift.transpose(0, 1).reshape(n, -1))
-        count = torch.zeros(bins, device=drift.device).index_add_(
-            0, chunk, torch.ones(n, device=drift.device))
-        mean = (total / count.clamp_min(1.0)[:, None])[:-1]  # (C, 2 KV hd); none measured: 0
-        mean_k, mean_v = mean.view(-1, 2 * heads, head_dim).transpose(0, 1).chunk(2)
+        chunk rows computed here: the first ``count`` of ``positions`` (sorted; the plan puts
+        chunk rows first), with their fresh pre-RoPE keys and values (KV, >= count, hd).
+        ``layer_keys`` / ``layer_values`` (KV, T, hd) still hold the cached rows there (the
+        caller writes the fresh ones after this call)."""
+        if count == 0:
+            return
+        if self._measured is None or self._measured[0] is not positions \
+                or self._measured[1] != count:  # a new computed set: a check narrowed it
+            self._track(positions, count)
+        rows = positions[:count]
+        heads, head_dim = fresh_v.shape[0], fresh_v.shape[2]
+        cached_k = apply_rope(layer_keys[:, rows].float(), self._cos, -self._sin)  # pre-RoPE
+        drift = torch.cat([fresh_k_raw[:, :count].float() - cached_k,
+                           fresh_v[:, :count].float() - layer_values[:, rows].float()])
+        total = torch.zeros((self.num_chunks, 2 * heads * head_dim), device=drift.device)
+        total.index_add_(0, self._chunk, drift.transpose(0, 1).reshape(count, -1))
+        mean_k, mean_v = (total * self._share).view(-1, 2 * heads, head_dim).transpose(0, 1).chunk(2)
         # (3 KV, C, hd) -> (3 KV, R, hd): each row's key offset, its rotate_half (for the
         # rotation) and its value offset, scaled, in the layout of the rows they are added to.
         scaled = torch.cat([mean_k * self.key_scale, rotate_half(mean_k) * self.key_scale,
                             mean_v * self.value_scale])
         key, key_half, value = (self.one_hot @ scaled).chunk(3)
-        rows = slice(self.begin, self.end)
-        dtype = layer_keys.dtype
+        span = slice(self.begin, self.end)
         if self.key_scale:
-            layer_keys[:, rows] += (key.mul_(self.cos).addcmul_(key_half, self.sin)).to(dtype)
+            offset = key.mul_(self.cos).addcmul_(key_half, self.sin)
+            layer_keys[:, span] += offset.to(layer_keys.dtype)
         if self.value_scale:
-            layer_values[:, rows] += value.to(dtype)
+            layer_values[:, span] += value.to(layer_values.dtype)
+
+    def _track(self, positions: torch.Tensor, count: int) -> None:
+        """What depends on the computed set alone, once per set: each measured row's chunk, one
+        over each chunk's count (0 for a chunk with none: its offset stays 0), the rotation."""
+        self._measured = (positions, count)
+        rows = positions[:count]
+        self._chunk = self.chunk_of[rows]
+        tally = torch.zeros(self.num_chunks, device=rows.device).index_add_(
+            0, self._chunk, torch.ones(count, device=rows.device))
+        self._share = torch.where(tally > 0, 1.0 / tally.clamp_min(1.0), 0.0)[:, None]
+        self._cos, self._sin = self.rope.cos[rows], self.rope.sin[rows]

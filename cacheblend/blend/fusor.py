@@ -89,6 +89,9 @@ class FusionPlan:
         self.kind = ("causal" if n == total else
                      "tail" if int(active[0]) == total - n else "scattered")
         self.num_chunk_active = int(in_chunk[active].sum())
+        if any(self.drift) and self.checks:  # the drift correction reads them as a slice
+            assert bool(in_chunk[active][: self.num_chunk_active].all()), \
+                "with drift correction, active chunk positions must precede the others"
         self.recomputes_cached = bool(cached_rows[active].sum() == cached_rows.sum())
         self.num_chunk_tokens = self.num_chunk_tokens or sum(e - s for s, e in self.chunk_spans)
 
@@ -238,11 +241,12 @@ class Fusor:
             state.captured.append((k_raw, v))
         k = rope.apply(k_raw, state.positions)
         layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
-        keep = None
+        keep, computed_chunk = None, state.num_candidates  # chunk rows come first (the plan)
         if selector is not None:
             keep = self._select(plan, selector, state, k, v, layer_keys, layer_values, q, rope)
         if state.drift is not None and index > 0:  # layer 0's K/V depend on the token alone
-            state.drift.correct(rope, state.positions, k_raw, v, layer_keys, layer_values)
+            state.drift.correct(state.positions, computed_chunk, k_raw, v, layer_keys,
+                                layer_values)
         # Fresh K/V overwrite cached rows for every token computed at this layer.
         layer_keys[:, state.positions] = k
         layer_values[:, state.positions] = v

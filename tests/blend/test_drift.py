@@ -19,7 +19,7 @@ from cacheblend.model.runner import ModelRunner
 
 TOTAL = 20
 SPANS = [(2, 8), (8, 14), (15, 18)]  # rows 0-1 (prefix), 14 (between chunks), 18-19: outside
-COMPUTED = torch.tensor([3, 5, 9, 10, 11, 19])  # two rows of chunk 0, three of chunk 1, suffix
+COMPUTED = torch.tensor([3, 5, 9, 10, 11, 19])  # 2 rows of chunk 0, 3 of chunk 1, then suffix
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_a_shared_offset_is_removed_from_the_rows_not_recomputed(rope):
     true_k, true_v, keys, values = layer_rows(rope)
     cached_keys, cached_values = keys.clone(), values.clone()
     drift = DriftCorrection(SPANS, TOTAL, (1.0, 1.0), rope, torch.device("cpu"))
-    drift.correct(rope, COMPUTED, true_k[:, COMPUTED], true_v[:, COMPUTED], keys, values)
+    drift.correct(COMPUTED, 5, true_k[:, COMPUTED], true_v[:, COMPUTED], keys, values)
     fixed = [p for p in range(2, 14) if p not in COMPUTED.tolist()]  # chunks 0 and 1
     exact_keys = rope.apply(true_k, torch.arange(TOTAL))
     assert (keys[:, fixed] - exact_keys[:, fixed]).abs().max() < 1e-5
@@ -63,7 +63,7 @@ def test_the_scales_weigh_keys_and_values_apart(rope):
     true_k, true_v, keys, values = layer_rows(rope)
     cached_keys, cached_values = keys.clone(), values.clone()
     drift = DriftCorrection(SPANS, TOTAL, (0.5, 0.0), rope, torch.device("cpu"))
-    drift.correct(rope, COMPUTED, true_k[:, COMPUTED], true_v[:, COMPUTED], keys, values)
+    drift.correct(COMPUTED, 5, true_k[:, COMPUTED], true_v[:, COMPUTED], keys, values)
     rows = [4, 6, 7, 12, 13]
     exact_keys = rope.apply(true_k, torch.arange(TOTAL))
     halfway = (cached_keys[:, rows] + exact_keys[:, rows]) / 2
