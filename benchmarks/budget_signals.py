@@ -153,8 +153,10 @@ def eval_kl(run: Path, dataset: str) -> tuple[dict, dict]:
     for row in rows:
         if row.get("setting") == setting and "kl_first_token" in row:
             kl[row["example"]][row["method"]] = row["kl_first_token"]
-    reuse = min(("reuse", "reuse/preamble"),
-                key=lambda m: sum(k.get(m, 0.0) for k in kl.values()))
+    modes = [m for m in ("reuse", "reuse/preamble") if any(m in k for k in kl.values())]
+    if not modes:
+        raise SystemExit(f"{run / dataset}: no reuse rows to measure against")
+    reuse = min(modes, key=lambda m: sum(k[m] for k in kl.values() if m in k))
     return kl, {e: k[reuse] for e, k in kl.items() if reuse in k}
 
 

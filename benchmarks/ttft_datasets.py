@@ -3,9 +3,9 @@
 The eval's TTFT column times each method once per example, so it is only as quiet as the
 machine. This times the specs on the first ``--limit`` prompts of each dataset, every chunk
 stored first (in each precompute mode a spec uses), interleaved ``--repeats`` times after one
-warm-up pass; per prompt it keeps each spec's median prefill time, and reports, per spec, the
-mean and median over prompts of its time over the first spec's (the yardstick), and the ratio
-of the mean times. Run it on an otherwise idle machine.
+warm-up pass, each pass starting one spec later. Per prompt it keeps each spec's median prefill
+time; per spec it reports the mean and median over prompts of its time over the first spec's
+(the yardstick), and the ratio of the mean times.
 
     .venv/bin/python benchmarks/ttft_datasets.py --dataset musique,2wikimqa,multi_news,samsum \\
         --methods 'blend[hkvd]-k+nodrift@0.15:L1/preamble,blend,blend@0.09'
@@ -54,11 +54,12 @@ def main() -> None:
             requests = {spec.label: GenerateRequest(segments=segments, method=spec.method,
                                                     blend=blends[spec.label]) for spec in specs}
             times: dict[str, list[float]] = {label: [] for label in requests}
+            order = list(requests.items())
             for repeat in range(args.repeats + 1):
-                for label, request in requests.items():
+                for label, request in order[repeat % len(order):] + order[:repeat % len(order)]:
                     start = time.perf_counter()
                     engine.prefill(request)
-                    if repeat:  # the first pass warms up
+                    if repeat:  # the first pass warms up (each pass starts one spec later)
                         times[label].append(time.perf_counter() - start)
             yardstick = statistics.median(times[specs[0].label])
             for label, values in times.items():
@@ -77,7 +78,8 @@ def main() -> None:
             print(f"{dataset.name:10s} {label:50s} TTFT / yardstick: mean {row['mean_ratio']:.3f}"
                   f"  median {row['median_ratio']:.3f}  of means {row['ratio_of_means']:.3f}"
                   f"  ({row['mean_s'] * 1000:.0f} ms)", flush=True)
-    print(json.dumps({"examples": args.limit, "repeats": args.repeats, "results": report}))
+    print(json.dumps({"examples": len(dataset.examples), "repeats": args.repeats,
+                      "results": report}))
 
 
 if __name__ == "__main__":

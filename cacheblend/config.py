@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -105,9 +106,9 @@ class BlendConfig:
             raise ConfigError("check_ratios must lie in [0, 1]")
         if list(self.check_ratios) != sorted(self.check_ratios, reverse=True):
             raise ConfigError("check_ratios must not increase (each check layer narrows the set)")
-        if (not isinstance(self.drift, tuple) or len(self.drift) != 2
-                or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0
-                       for x in self.drift)):
+        if (not isinstance(self.drift, (tuple, list)) or len(self.drift) != 2
+                or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                       or not math.isfinite(x) or x < 0 for x in self.drift)):
             raise ConfigError(f"drift must be two numbers >= 0 (key and value scales; [0, 0]: "
                               f"off), got {self.drift!r}")
         object.__setattr__(self, "drift", tuple(float(x) for x in self.drift))

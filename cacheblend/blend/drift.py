@@ -63,10 +63,12 @@ class DriftCorrection:
             self._track(positions, count)
         rows = positions[:count]
         heads, head_dim = fresh_v.shape[0], fresh_v.shape[2]
-        cached_k = apply_rope(layer_keys[:, rows].float(), self._cos, -self._sin)  # pre-RoPE
+        # Back before RoPE: the inverse rotation (cos(-a) = cos a, sin(-a) = -sin a).
+        cached_k = apply_rope(layer_keys[:, rows].float(), self._cos, -self._sin)
         drift = torch.cat([fresh_k_raw[:, :count].float() - cached_k,
                            fresh_v[:, :count].float() - layer_values[:, rows].float()])
-        total = torch.zeros((self.num_chunks, 2 * heads * head_dim), device=drift.device)
+        total = torch.zeros((self.num_chunks, 2 * heads * head_dim), dtype=torch.float32,
+                            device=drift.device)
         total.index_add_(0, self._chunk, drift.transpose(0, 1).reshape(count, -1))
         mean_k, mean_v = (total * self._share).view(-1, 2 * heads, head_dim).transpose(0, 1).chunk(2)
         # (3 KV, C, hd) -> (3 KV, R, hd): each row's key offset, its rotate_half (for the
@@ -87,7 +89,7 @@ class DriftCorrection:
         self._measured = (positions, count)
         rows = positions[:count]
         self._chunk = self.chunk_of[rows]
-        tally = torch.zeros(self.num_chunks, device=rows.device).index_add_(
-            0, self._chunk, torch.ones(count, device=rows.device))
+        tally = torch.zeros(self.num_chunks, dtype=torch.float32, device=rows.device).index_add_(
+            0, self._chunk, torch.ones(count, dtype=torch.float32, device=rows.device))
         self._share = torch.where(tally > 0, 1.0 / tally.clamp_min(1.0), 0.0)[:, None]
         self._cos, self._sin = self.rope.cos[rows], self.rope.sin[rows]

@@ -8,8 +8,9 @@ computed from layer 0 (``active``), and at which layers the computed chunk token
 2. q/k/v of the active tokens are computed; at a check layer, their fresh K/V are compared with
    the cached rows and a selector keeps the high-deviation chunk tokens (tokens outside chunks,
    the suffix above all, are always kept);
-3. blend (``FusionPlan.drift``): each chunk's cached rows move by the mean drift (fresh minus
-   cached) of the chunk's tokens computed at this layer (blend/drift.py); then fresh K/V
+3. blend (``FusionPlan.drift``), at layers after the first: each chunk's cached rows move by
+   the mean drift (fresh minus cached) of the chunk's tokens computed at this layer
+   (blend/drift.py); then fresh K/V
    overwrite the cached rows of the tokens computed at this layer;
 4. the kept queries attend with the exact causal mask: query position p sees every key <= p.
 
@@ -89,9 +90,10 @@ class FusionPlan:
         self.kind = ("causal" if n == total else
                      "tail" if int(active[0]) == total - n else "scattered")
         self.num_chunk_active = int(in_chunk[active].sum())
-        if any(self.drift) and self.checks:  # the drift correction reads them as a slice
-            assert bool(in_chunk[active][: self.num_chunk_active].all()), \
-                "with drift correction, active chunk positions must precede the others"
+        if any(self.drift) and self.checks and not bool(
+                in_chunk[active][: self.num_chunk_active].all()):  # drift reads them as a slice
+            raise ValueError("with drift correction, active chunk positions must precede the "
+                             "others")
         self.recomputes_cached = bool(cached_rows[active].sum() == cached_rows.sum())
         self.num_chunk_tokens = self.num_chunk_tokens or sum(e - s for s, e in self.chunk_spans)
 
@@ -207,7 +209,8 @@ class Fusor:
         )
 
     def _start(self, plan: FusionPlan, kv: RequestKV) -> _Pass:
-        """Index tensors on the device, once per request (the only host->device copies)."""
+        """Index tensors on the device, once per request (with the drift correction's tables,
+        the only host->device copies)."""
         device = kv.keys.device
         total = plan.ids.shape[0]
         positions = plan.active.to(device)
@@ -244,7 +247,9 @@ class Fusor:
         keep, computed_chunk = None, state.num_candidates  # chunk rows come first (the plan)
         if selector is not None:
             keep = self._select(plan, selector, state, k, v, layer_keys, layer_values, q, rope)
-        if state.drift is not None and index > 0:  # layer 0's K/V depend on the token alone
+        # Layer 0's K/V depend on the token alone; while every cached row is recomputed (and a
+        # layer's rows may not even be loaded) there is nothing to correct.
+        if state.drift is not None and index > 0 and not state.recomputes_cached:
             state.drift.correct(state.positions, computed_chunk, k_raw, v, layer_keys,
                                 layer_values)
         # Fresh K/V overwrite cached rows for every token computed at this layer.

@@ -45,11 +45,6 @@ class RopeTable:
         """Rotate x (heads, n, head_dim) to ``positions`` (n,)."""
         return apply_rope(x, self.cos[positions], self.sin[positions])
 
-    def unapply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Undo ``apply``: keys rotated to ``positions`` back to their pre-RoPE values (the
-        inverse rotation: cos(-a) = cos a, sin(-a) = -sin a)."""
-        return apply_rope(x, self.cos[positions], -self.sin[positions])
-
     def apply_range(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate x (heads, n, head_dim) to the contiguous positions start..start+n-1."""
         n = x.shape[-2]

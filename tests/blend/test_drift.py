@@ -10,6 +10,8 @@ import torch
 import transformers
 
 from cacheblend.blend.drift import DriftCorrection
+from cacheblend.blend.fusor import FusionPlan
+from cacheblend.blend.select import HKVDSelector
 from cacheblend.config import BlendConfig, load_config
 from cacheblend.engine import GenerateRequest
 from cacheblend.errors import ConfigError
@@ -71,10 +73,21 @@ def test_the_scales_weigh_keys_and_values_apart(rope):
     assert torch.equal(values, cached_values)  # value scale 0: values untouched
 
 
+def test_a_drift_plan_must_compute_its_chunk_rows_first():
+    """The correction reads the computed chunk rows as the head of the active set."""
+    plan = dict(ids=torch.arange(10), chunk_spans=[(4, 8)], checks=[(1, HKVDSelector(0.5))],
+                resident=10, drift=(1.0, 0.5))
+    FusionPlan(active=torch.tensor([5, 6, 9]), **plan)
+    with pytest.raises(ValueError, match="precede"):
+        FusionPlan(active=torch.tensor([0, 5, 6, 9]), **plan)
+    FusionPlan(active=torch.tensor([0, 5, 6, 9]), **{**plan, "drift": (0.0, 0.0)})
+
+
 def test_drift_config_and_specs():
     assert BlendConfig().drift == (1.0, 0.5)
     assert load_config(None, blend={"drift": [0, 0]}).blend.drift == (0.0, 0.0)
-    for bad in ((1.0,), (1.0, -0.5), ("a", 1.0), (True, 1.0)):
+    assert BlendConfig(drift=[1, 0.25]).drift == (1.0, 0.25)
+    for bad in ((1.0,), (1.0, -0.5), ("a", 1.0), (True, 1.0), (float("nan"), 1.0)):
         with pytest.raises(ConfigError, match="drift"):
             BlendConfig(drift=bad)
     off = BlendConfig(drift=(0.0, 0.0))

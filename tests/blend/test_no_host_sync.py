@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from cacheblend.blend import fusor as fusor_module
+from cacheblend.blend.drift import DriftCorrection
 from cacheblend.blend.fusor import FusionPlan, Fusor
 from cacheblend.blend.loader import CachedSpan
 from cacheblend.blend.select import (
@@ -142,6 +143,10 @@ def test_fused_prefill_never_reads_the_device(kind, loading, monkeypatch):
         return SUFFIX + math.ceil(0.3 * (TOTAL - PREFIX - SUFFIX)) + 2
 
     monkeypatch.setattr(fusor_module, "host_sync", allowed_host_sync)
+    corrections = []
+    correct = DriftCorrection.correct
+    monkeypatch.setattr(DriftCorrection, "correct",
+                        lambda self, *args: corrections.append(1) or correct(self, *args))
     torch.manual_seed(0)
     config = shape_config("tiny")
     device, build_mode, run_mode = no_host_device(kind)
@@ -172,6 +177,7 @@ def test_fused_prefill_never_reads_the_device(kind, loading, monkeypatch):
     # The default's shape: a probe of every layer, then the last position's attention ranks at
     # layer 0, a fixed budget: no read either.
     assert results["blend-probed"].active_per_layer == [SUFFIX + math.ceil(0.12 * 46)] * layers
+    assert len(corrections) == layers - 1  # the default's drift correction ran at every layer
     assert results["blend-default"].active_per_layer == (
         [SUFFIX + math.ceil(0.1725 * 46)] * 2 + [SUFFIX + math.ceil(0.115 * 46)] * (layers - 2))
     assert results["prefix"].captured is not None and len(results["prefix"].captured) == layers
