@@ -30,8 +30,7 @@ import torch
 from quality_args import dataset_parser
 from tqdm import tqdm
 
-import cacheblend.blend.fusor as fusor
-from cacheblend.blend import select
+from cacheblend.blend import fusor, select
 from cacheblend.config import load_config
 from cacheblend.engine import Engine, GenerateRequest
 from cacheblend.eval.datasets import load_dataset

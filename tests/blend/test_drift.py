@@ -75,8 +75,8 @@ def test_the_scales_weigh_keys_and_values_apart(rope):
 
 def test_a_drift_plan_must_compute_its_chunk_rows_first():
     """The correction reads the computed chunk rows as the head of the active set."""
-    plan = dict(ids=torch.arange(10), chunk_spans=[(4, 8)], checks=[(1, HKVDSelector(0.5))],
-                resident=10, drift=(1.0, 0.5))
+    plan = {"ids": torch.arange(10), "chunk_spans": [(4, 8)],
+            "checks": [(1, HKVDSelector(0.5))], "resident": 10, "drift": (1.0, 0.5)}
     FusionPlan(active=torch.tensor([5, 6, 9]), **plan)
     with pytest.raises(ValueError, match="precede"):
         FusionPlan(active=torch.tensor([0, 5, 6, 9]), **plan)
