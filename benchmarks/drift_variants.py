@@ -6,12 +6,13 @@ For each development prompt:
 1. ``--energy``: at every layer, the share of the cached chunk rows' squared K (pre-RoPE) and V
    error against full prefill that a per-chunk, per-KV-head mean offset carries (1 - residual
    energy / energy), summed over the prompts;
-2. the default blend's first-token KL against full prefill with the drift correction at several
-   (key, value) scales, ``0,0`` being the default without it; and ``oracle``: the same blend
-   with each chunk's exact mean offset (from full prefill's K/V over all the chunk's tokens, which
-   no real request has) applied at both scales 1: what a perfect estimate of the offset gives.
+2. the default blend's (at ``--ratio``) first-token KL against full prefill with the drift
+   correction at several (key, value) scales, ``0,0`` being the default without it; and
+   ``oracle``: the same blend with each chunk's exact mean offset (from full prefill's K/V over
+   all the chunk's tokens, which no real request has) applied at both scales 1: what a perfect
+   estimate of the offset gives.
 
-    .venv/bin/python benchmarks/drift_variants.py --dataset musique --limit 10
+    .venv/bin/python benchmarks/drift_variants.py --dataset musique --limit 10 --ratio 0.115
     .venv/bin/python benchmarks/drift_variants.py --dataset multi_news --limit 3 --energy
 """
 
@@ -85,6 +86,7 @@ def shared_energy(plan: FusionPlan, captured, energy: dict) -> None:
 
 def main() -> None:
     parser = dataset_parser(__doc__)
+    parser.add_argument("--ratio", type=float, help="the default's ratio (default: the config's)")
     parser.add_argument("--energy", action="store_true",
                         help="also the share of the K/V error a per-chunk mean carries, by layer")
     args = parser.parse_args()
@@ -93,6 +95,7 @@ def main() -> None:
                     loaded=load_model(device="cpu"))
     dataset = load_dataset(args.dataset, passage_tokens=args.passage_tokens, limit=args.limit,
                            tokenizer=engine.tokenizer)
+    base = engine.config.blend if args.ratio is None else engine.config.blend.with_ratio(args.ratio)
     names = [f"{k:g},{v:g}" for k, v in SCALES] + ["oracle"]
     kl: dict[str, list[float]] = {name: [] for name in names}
     energy: dict = {}
@@ -105,7 +108,7 @@ def main() -> None:
         engine.generate(GenerateRequest(segments=segments, method="reuse"))  # store the chunks
         for name, scale in zip(names, [*SCALES, (1.0, 1.0)]):
             request = GenerateRequest(segments=segments, method="blend",
-                                      blend=replace(engine.config.blend, drift=scale))
+                                      blend=replace(base, drift=scale))
             if name == "oracle":
                 oracle.captured, oracle.layer = full.captured, 0
                 with oracle:

@@ -53,7 +53,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
         ran.append((argv[1], capsys.readouterr().out))
     assert [name for name, _ in ran] == ["ask", "ingest", "ask", "ask", "store", "store", "store"]
     assert "[full instead of blend: " in ran[0][1]  # nothing stored yet: the reason is shown
-    assert "[blend ratio=0.115] TTFT" in ran[2][1]  # after ingest: blended, all hits
+    assert "[blend ratio=0.1] TTFT" in ran[2][1]  # after ingest: blended, all hits
     assert json.loads(ran[3][1])["stats"]["missed_tokens"] == 0
     assert json.loads(ran[6][1])["deleted"] > 0
 

@@ -24,7 +24,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, help="default: blend")
-    parser.add_argument("--ratio", type=float, help="blend recompute ratio (default: the config's, 0.115)")
+    parser.add_argument("--ratio", type=float, help="blend recompute ratio (default: the config's, 0.1)")
 
 
 def engine_config(args: argparse.Namespace, **blend) -> EngineConfig:
