@@ -99,28 +99,30 @@ def test_drift_config_and_specs():
     assert parse_method("blend").blend_config(off).drift == (0.0, 0.0)
 
 
-DOCS = [
-    "The Greywater Lighthouse was designed by Miriam Osk and completed in 1798. " * 3,
-    "Miriam Osk was born in 1761 in the mountain village of Tarn Hollow. " * 3,
-    "The Vesk river reaches the sea at Port Alder after one hundred and forty kilometres. " * 3,
-]
-QUESTION = "Where was the designer of the lighthouse born?"
+QUESTIONS = ("Summarise the news articles above in one paragraph.",
+             "Which article mentions a river?")
 
 
 def test_drift_correction_moves_blend_towards_full_prefill(engine_factory):
-    """On the bundled model, at the default's ratio: lower first-token KL than the same blend
-    without the correction, at the same recompute count."""
+    """On the bundled model and the demo corpus's six articles (an 857-token prompt), at the
+    default's ratio: lower first-token KL than the same blend without the correction, at the
+    same recompute count. (A single short prompt can go either way: on SAMSum the correction
+    is worse on some examples; docs/results.md gives the 50-example means.)"""
+    from cacheblend.commands.demo_corpus import DOCUMENTS
+
+    documents = list(DOCUMENTS.values())[:6]
     engine = engine_factory(store_codec="fp32")
-    engine.ingest(DOCS, progress=False)
-    _, full, _ = engine.prefill(GenerateRequest(question=QUESTION, documents=DOCS,
-                                                method="full"))
-    results = {}
-    for name, drift in (("on", BlendConfig().drift), ("off", (0.0, 0.0))):
-        blend = replace(engine.config.blend, drift=drift)
-        _, logits, stats = engine.prefill(GenerateRequest(question=QUESTION, documents=DOCS,
-                                                          method="blend", blend=blend))
-        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), full.log_softmax(-1),
-                                        log_target=True, reduction="sum").item()
-        results[name] = (kl, stats.recomputed_tokens)
-    assert results["on"][1] == results["off"][1] > 0
-    assert results["on"][0] < results["off"][0]
+    engine.ingest(documents, progress=False)
+    for question in QUESTIONS:
+        _, full, _ = engine.prefill(GenerateRequest(question=question, documents=documents,
+                                                    method="full"))
+        results = {}
+        for name, drift in (("on", BlendConfig().drift), ("off", (0.0, 0.0))):
+            blend = replace(engine.config.blend, drift=drift)
+            _, logits, stats = engine.prefill(GenerateRequest(
+                question=question, documents=documents, method="blend", blend=blend))
+            kl = torch.nn.functional.kl_div(logits.log_softmax(-1), full.log_softmax(-1),
+                                            log_target=True, reduction="sum").item()
+            results[name] = (kl, stats.recomputed_tokens)
+        assert results["on"][1] == results["off"][1] > 0
+        assert results["on"][0] < results["off"][0], (question, results)
