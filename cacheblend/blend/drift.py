@@ -2,10 +2,11 @@
 that are not recomputed.
 
 A chunk's cached K/V were computed without the chunks before it. At a given layer, every token
-of the chunk misses the same context, and much of the error is common to them: on MultiNews
-development prompts, a per-chunk, per-KV-head mean offset (pre-RoPE) carries 20-44% of the
-key error's energy at layers 2-8 and 15-30% at most later ones, and 10-19% of the value
-error's (docs/results.md, issue 12 round 5). The tokens the fusor recomputes in a chunk measure
+of the chunk misses the same context, and part of the error is common to them: on 3 MultiNews
+development prompts, a per-chunk, per-KV-head mean offset (pre-RoPE) carries 14-44% of the
+key error's energy at layers 1-29 (median 28%) and 4-19% of the value error's (median 12%;
+``benchmarks/drift_variants.py --energy``, docs/results.md, issue 12 round 5). With it, the
+default's first-token KL fell 1.4-2.9x at the same recompute on four datasets. The tokens the fusor recomputes in a chunk measure
 that offset for free: their fresh K/V minus their cached K/V. ``DriftCorrection`` adds the mean
 of it, times a scale (``BlendConfig.drift``: keys, values), to the chunk's other cached rows at
 that layer, before the layer's queries read them. A recomputed row is overwritten with its fresh
