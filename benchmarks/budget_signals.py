@@ -27,16 +27,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from quality_args import dataset_parser
+from quality_args import dataset_parser, engine_and_dataset
 from tqdm import tqdm
 
 from cacheblend.blend import fusor, select
-from cacheblend.config import load_config
-from cacheblend.engine import Engine, GenerateRequest
-from cacheblend.eval.datasets import load_dataset
+from cacheblend.engine import GenerateRequest
 from cacheblend.eval.prompts import build_segments
-from cacheblend.model.loader import load_model
-from cacheblend.store.memory import MemoryStore
 
 DEFAULT = "blend[qa,qkvd]-kv+probe30@{}:L0={},L4"
 LEVELS = {0.05: DEFAULT.format(0.05, 0.075), 0.115: DEFAULT.format(0.115, 0.1725),
@@ -164,11 +160,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True,
                         help="an eval --out with the default schedule at 5%%, 11.5%%, 20%%")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    engine = Engine(load_config(None, blend={"fallback": False}), store=MemoryStore(),
-                    loaded=load_model(device="cpu"))
-    dataset = load_dataset(args.dataset, passage_tokens=args.passage_tokens, limit=args.limit,
-                           tokenizer=engine.tokenizer)
+    engine, dataset = engine_and_dataset(args)
     kl, reuse = eval_kl(args.run, dataset.name)
     recorder = Recorder()
     measured: dict[str, dict] = {}

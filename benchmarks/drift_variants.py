@@ -23,19 +23,15 @@ from dataclasses import replace
 
 import torch
 from oracle_selection import new_kv
-from quality_args import dataset_parser
+from quality_args import dataset_parser, engine_and_dataset
 from tqdm import tqdm
 
 from cacheblend.blend.drift import DriftCorrection
 from cacheblend.blend.fusor import FusionPlan
-from cacheblend.config import load_config
-from cacheblend.engine import Engine, GenerateRequest
-from cacheblend.eval.datasets import load_dataset
+from cacheblend.engine import GenerateRequest
 from cacheblend.eval.metrics import bootstrap_interval, first_token_kl, mean_of
 from cacheblend.eval.prompts import build_segments
-from cacheblend.model.loader import load_model
 from cacheblend.request import RequestSettings
-from cacheblend.store.memory import MemoryStore
 
 SCALES = ((0.0, 0.0), (1.0, 0.0), (0.75, 0.0), (1.0, 0.25), (1.0, 0.5), (1.0, 0.75), (1.0, 1.0))
 
@@ -90,11 +86,7 @@ def main() -> None:
     parser.add_argument("--energy", action="store_true",
                         help="also the share of the K/V error a per-chunk mean carries, by layer")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    engine = Engine(load_config(None, blend={"fallback": False}), store=MemoryStore(),
-                    loaded=load_model(device="cpu"))
-    dataset = load_dataset(args.dataset, passage_tokens=args.passage_tokens, limit=args.limit,
-                           tokenizer=engine.tokenizer)
+    engine, dataset = engine_and_dataset(args)
     base = engine.config.blend if args.ratio is None else engine.config.blend.with_ratio(args.ratio)
     names = [f"{k:g},{v:g}" for k, v in SCALES] + ["oracle"]
     kl: dict[str, list[float]] = {name: [] for name in names}

@@ -6,6 +6,14 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from cacheblend.config import load_config
+from cacheblend.engine import Engine
+from cacheblend.eval.datasets import LoadedDataset, load_dataset
+from cacheblend.model.loader import load_model
+from cacheblend.store.memory import MemoryStore
+
 
 def dataset_parser(doc: str | None) -> argparse.ArgumentParser:
     """A parser described by the first line of ``doc``, with --dataset, --limit,
@@ -16,3 +24,15 @@ def dataset_parser(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--passage-tokens", type=int, default=320)
     parser.add_argument("--threads", type=int, default=1)
     return parser
+
+
+def engine_and_dataset(args: argparse.Namespace) -> tuple[Engine, LoadedDataset]:
+    """The bundled model's engine on the CPU (in-memory store, no full-prefill fallback, so
+    every request is served as asked) on ``args.threads`` threads, and the dataset the
+    arguments name."""
+    torch.set_num_threads(args.threads)
+    engine = Engine(load_config(None, blend={"fallback": False}), store=MemoryStore(),
+                    loaded=load_model(device="cpu"))
+    dataset = load_dataset(args.dataset, passage_tokens=args.passage_tokens, limit=args.limit,
+                           tokenizer=engine.tokenizer)
+    return engine, dataset
