@@ -18,7 +18,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")  # see cacheblend.device
 # hkvd: KV deviation (CacheBlend); qa: the question's attention; qkvd: deviation x attention;
 # qa-chunk: per-chunk budget by the question's attention, HKVD inside. See blend/select.py.
 SELECTORS = ("hkvd", "qa", "qkvd", "qa-chunk")
-DEFAULT_DRIFT = (1.0, 0.5)  # BlendConfig.drift: picked on development prompts (docs/results.md)
+DEFAULT_DRIFT = (1.0, 0.75)  # BlendConfig.drift: picked on development prompts (docs/results.md)
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,15 @@ class BlendConfig:
     entry under the engine's default prefix or the preamble, when stored (blend/chunks.py).
     """
 
-    # The default, picked by measurement (docs/results.md, issue 12, rounds 4 and 5): two
+    # The default, picked by measurement (docs/results.md, issue 12, rounds 4 to 6): two
     # stages. At layer 0, each chunk token's share of the last position's attention output,
-    # from a probe of every layer, keeps 15% of the chunk tokens; at layer 4, that share x the
-    # token's KV deviation there (K and V) keeps 10% (less the probe's cost). A suffix too long
-    # to probe whole is probed by its last probe_tail tokens. Every layer after the first
-    # corrects the drift of the rows not recomputed (``drift``); with it, 10% recovers more of
-    # reuse's loss than round 4's 11.5% without it, at a TTFT no worse than HKVD@0.15's.
+    # from a probe of every layer, keeps 20% of the chunk tokens; at layer 4, that share x the
+    # token's KV deviation there (K and V, after the drift correction) keeps 10% (less the
+    # probe's cost). A suffix too long to probe whole is probed by its last probe_tail tokens.
+    # Every layer after the first corrects the drift of the rows not recomputed (``drift``).
     method: str = "blend"
     check_layers: tuple[int, ...] = (0, 4)
-    check_ratios: tuple[float, ...] = (0.15, 0.1)
+    check_ratios: tuple[float, ...] = (0.2, 0.1)
     deviation: str = "kv"
     selector: str | tuple[str, ...] = ("qa", "qkvd")
     coverage: float = 0.0

@@ -5,13 +5,12 @@ computed from layer 0 (``active``), and at which layers the computed chunk token
 (``checks``). Then, per layer i:
 
 1. cached rows of layer i are loaded into the request KV, keys rotated to their positions;
-2. q/k/v of the active tokens are computed; at a check layer, their fresh K/V are compared with
-   the cached rows and a selector keeps the high-deviation chunk tokens (tokens outside chunks,
-   the suffix above all, are always kept);
-3. blend (``FusionPlan.drift``), at layers after the first: each chunk's cached rows move by
-   the mean drift (fresh minus cached) of the chunk's tokens computed at this layer
-   (blend/drift.py); then fresh K/V
-   overwrite the cached rows of the tokens computed at this layer;
+2. q/k/v of the active tokens are computed; blend (``FusionPlan.drift``), at layers after the
+   first: each chunk's cached rows move by the mean drift (fresh minus cached) of the chunk's
+   tokens computed at this layer (blend/drift.py);
+3. at a check layer, the fresh K/V are compared with the (corrected) cached rows and a selector
+   keeps the high-deviation chunk tokens (tokens outside chunks, the suffix above all, are
+   always kept); then fresh K/V overwrite the cached rows of the tokens computed at this layer;
 4. the kept queries attend with the exact causal mask: query position p sees every key <= p.
 
 full: nothing cached, all active. prefix: cached exact prefix, the rest active. reuse: chunks
@@ -245,13 +244,16 @@ class Fusor:
         k = rope.apply(k_raw, state.positions)
         layer_keys, layer_values = kv.keys[index, :, :total], kv.values[index, :, :total]
         keep, computed_chunk = None, state.num_candidates  # chunk rows come first (the plan)
-        if selector is not None:
-            keep = self._select(plan, selector, state, k, v, layer_keys, layer_values, q, rope)
-        # Layer 0's K/V depend on the token alone; while every cached row is recomputed (and a
-        # layer's rows may not even be loaded) there is nothing to correct.
+        # The drift correction comes first (layers after the first: layer 0's K/V depend on the
+        # token alone; and not while every cached row is recomputed, when a layer's rows may not
+        # even be loaded): a check layer's selector then compares fresh K/V with the corrected
+        # rows, and ranks tokens by the error the correction leaves, the error that a token not
+        # recomputed would keep.
         if state.drift is not None and index > 0 and not state.recomputes_cached:
             state.drift.correct(state.positions, computed_chunk, k_raw, v, layer_keys,
                                 layer_values)
+        if selector is not None:
+            keep = self._select(plan, selector, state, k, v, layer_keys, layer_values, q, rope)
         # Fresh K/V overwrite cached rows for every token computed at this layer.
         layer_keys[:, state.positions] = k
         layer_values[:, state.positions] = v

@@ -86,8 +86,9 @@ class EvalPlan:
 
 
 # Bumped when the engine computes a config's rows differently (2: exact chunks are not
-# recomputed, issue 12 round 4), so a resumed run never mixes rows from before and after.
-FUSION_VERSION = 2
+# recomputed, issue 12 round 4; 3: the drift correction runs before a check layer's selection,
+# round 6), so a resumed run never mixes rows from before and after.
+FUSION_VERSION = 3
 
 
 def setting_of(engine: Engine, dataset: LoadedDataset, plan: EvalPlan, seed: int) -> dict:

@@ -84,7 +84,7 @@ def test_a_drift_plan_must_compute_its_chunk_rows_first():
 
 
 def test_drift_config_and_specs():
-    assert BlendConfig().drift == (1.0, 0.5)
+    assert BlendConfig().drift == (1.0, 0.75)
     assert load_config(None, blend={"drift": [0, 0]}).blend.drift == (0.0, 0.0)
     assert BlendConfig(drift=[1, 0.25]).drift == (1.0, 0.25)
     for bad in ((1.0,), (1.0, -0.5), ("a", 1.0), (True, 1.0), (float("nan"), 1.0)):
@@ -126,3 +126,35 @@ def test_drift_correction_moves_blend_towards_full_prefill(engine_factory):
             results[name] = (kl, stats.recomputed_tokens)
         assert results["on"][1] == results["off"][1] > 0
         assert results["on"][0] < results["off"][0], (question, results)
+
+
+def test_a_check_layer_ranks_by_the_error_the_correction_leaves(engine_factory, monkeypatch):
+    """At a check layer the correction runs before the selection: the KV deviation the
+    selector ranks by compares the fresh K/V with the corrected rows, not the cached ones."""
+    from cacheblend.blend import fusor as fusor_module
+    from cacheblend.commands.demo_corpus import DOCUMENTS
+
+    layer = {}
+    correct, kv_deviation = DriftCorrection.correct, fusor_module.kv_deviation
+
+    def spy_correct(drift, positions, count, *tensors):
+        layer["rows"], layer["before"] = positions[:count], tensors[2].clone()  # layer_keys
+        correct(drift, positions, count, *tensors)
+        layer["after"] = tensors[2].clone()
+
+    compared = []
+
+    def spy_deviation(fresh_k, cached_k, *rest):
+        rows = layer["rows"]  # the candidates: the computed chunk rows, in order
+        compared.append((torch.equal(cached_k, layer["after"][:, rows]),
+                         torch.equal(cached_k, layer["before"][:, rows])))
+        return kv_deviation(fresh_k, cached_k, *rest)
+
+    monkeypatch.setattr(DriftCorrection, "correct", spy_correct)
+    monkeypatch.setattr(fusor_module, "kv_deviation", spy_deviation)
+    documents = list(DOCUMENTS.values())[:4]
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(documents, progress=False)
+    engine.prefill(GenerateRequest(question=QUESTIONS[1], documents=documents, method="blend"))
+    # The default's second stage (layer 4) ranks by deviation; the first (layer 0) does not.
+    assert compared == [(True, False)]
