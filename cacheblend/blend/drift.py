@@ -16,8 +16,8 @@ correction (blend at ratio 1 still equals a full prefill).
 Keys are offset before RoPE and rotated to each row's position (a rotation is linear, so that
 is the rotated offset). A chunk with no recomputed token at a layer is left as it is. Layer 0
 is never corrected: its K/V depend on the token alone. Everything runs on the device with fixed
-shapes (a scatter-add over a chunk index, then one small matrix product that gives every row
-its chunk's offset): no host reads in the layer loop.
+shapes (a scatter-add over a chunk index, then a gather that gives every row its chunk's
+offset): no host reads in the layer loop.
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ class DriftCorrection:
             chunk_of[start:end] = index
         self.chunk_of = chunk_of.to(device)
         # The rows from the first chunk's start to the last one's end, as one slice, and which
-        # chunk's offset each takes (one-hot; none for a row between chunks): a layer's offsets
-        # reach every row in one small matrix product, not a gather per row.
+        # chunk's offset each takes (num_chunks, a zero offset, for a row between chunks): a
+        # layer's offsets reach every row by one gather along that index.
         self.begin, self.end = min(s for s, _ in spans), max(e for _, e in spans)
-        self.one_hot = torch.nn.functional.one_hot(
-            self.chunk_of[self.begin:self.end], self.num_chunks + 1)[:, :-1].float()  # (R, C)
+        self.row_chunk = self.chunk_of[self.begin:self.end]  # (R,)
         # A key offset is rotated to its row's position: R_p d = cos_p * d + sin_p * rh(d).
         self.cos = rope.cos[self.begin:self.end]
         self.sin = rope.sin[self.begin:self.end]
@@ -71,18 +70,19 @@ class DriftCorrection:
         total = torch.zeros((self.num_chunks, 2 * heads * head_dim), dtype=torch.float32,
                             device=drift.device)
         total.index_add_(0, self._chunk, drift.transpose(0, 1).reshape(count, -1))
-        mean_k, mean_v = (total * self._share).view(-1, 2 * heads, head_dim).transpose(0, 1).chunk(2)
-        # (3 KV, C, hd) -> (3 KV, R, hd): each row's key offset, its rotate_half (for the
-        # rotation) and its value offset, scaled, in the layout of the rows they are added to.
-        scaled = torch.cat([mean_k * self.key_scale, rotate_half(mean_k) * self.key_scale,
-                            mean_v * self.value_scale])
-        key, key_half, value = (self.one_hot @ scaled).chunk(3)
+        means = torch.cat([total * self._share, total.new_zeros(1, total.shape[1])])  # (C + 1, .)
+        mean_k, mean_v = means.view(-1, 2 * heads, head_dim).transpose(0, 1).chunk(2)
+        # (KV, C + 1, hd) -> (KV, R, hd): each row's offset, gathered one tensor at a time so
+        # that at most two (KV, R, hd) temporaries live at once; a key offset is rotated to its
+        # row's position (cos_p d + sin_p rotate_half(d)) before it is added.
         span = slice(self.begin, self.end)
         if self.key_scale:
-            offset = key.mul_(self.cos).addcmul_(key_half, self.sin)
-            layer_keys[:, span] += offset.to(layer_keys.dtype)
+            offset = mean_k.index_select(1, self.row_chunk).mul_(self.cos).addcmul_(
+                rotate_half(mean_k).index_select(1, self.row_chunk), self.sin)
+            layer_keys[:, span].add_(offset, alpha=self.key_scale)
         if self.value_scale:
-            layer_values[:, span] += value.to(layer_values.dtype)
+            layer_values[:, span].add_(mean_v.index_select(1, self.row_chunk),
+                                       alpha=self.value_scale)
 
     def _track(self, positions: torch.Tensor, count: int) -> None:
         """What depends on the computed set alone, once per set: each measured row's chunk, one
