@@ -6,14 +6,18 @@ For each development prompt:
 1. ``--energy``: at every layer, the share of the cached chunk rows' squared K (pre-RoPE) and V
    error against full prefill that a per-chunk, per-KV-head mean offset carries (1 - residual
    energy / energy), summed over the prompts;
-2. the default blend's (at ``--ratio``) first-token KL against full prefill with the drift
-   correction at several (key, value) scales, ``0,0`` being the default without it; and
-   ``oracle``: the same blend with each chunk's exact mean offset (from full prefill's K/V over
-   all the chunk's tokens, which no real request has) applied at both scales 1: what a perfect
-   estimate of the offset gives.
+2. the default blend's (at ``--ratio``; or each of ``--specs``) first-token KL against full
+   prefill with the drift correction at several (key, value) scales (``--scales``), ``0,0``
+   being the blend without it; and ``oracle``: the same blend with each chunk's exact mean
+   offset (from full prefill's K/V over all the chunk's tokens, which no real request has)
+   applied at both scales 1: what a perfect estimate of the offset gives. Each variant's
+   difference from the first is paired per prompt.
 
     .venv/bin/python benchmarks/drift_variants.py --dataset musique --limit 10 --ratio 0.115
     .venv/bin/python benchmarks/drift_variants.py --dataset multi_news --limit 3 --energy
+    .venv/bin/python benchmarks/drift_variants.py --dataset 2wikimqa --limit 12 \\
+        --specs 'blend[qa,qkvd]-kv+probe30@0.1:L0=0.15,L4;blend[qa,qkvd]-kv+probe30@0.1:L0=0.2,L4' \\
+        --scales '1,0.5;1,0.75'
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tqdm import tqdm
 from cacheblend.blend.drift import DriftCorrection
 from cacheblend.blend.fusor import FusionPlan
 from cacheblend.engine import GenerateRequest
+from cacheblend.eval.methods import parse_method
 from cacheblend.eval.metrics import bootstrap_interval, first_token_kl, mean_of
 from cacheblend.eval.prompts import build_segments
 from cacheblend.request import RequestSettings
@@ -80,15 +85,32 @@ def shared_energy(plan: FusionPlan, captured, energy: dict) -> None:
             energy[(layer, name)] = [total, residual]
 
 
+def parse_scales(text: str) -> list:
+    """``"1,0.5;1,0.75;oracle"`` -> [(1.0, 0.5), (1.0, 0.75), "oracle"]."""
+    return [item if item == "oracle" else tuple(float(x) for x in item.split(","))
+            for item in text.split(";")]
+
+
 def main() -> None:
     parser = dataset_parser(__doc__)
     parser.add_argument("--ratio", type=float, help="the default's ratio (default: the config's)")
+    parser.add_argument("--specs", help="';'-separated blend specs (eval grammar) to run instead "
+                                        "of the default")
+    parser.add_argument("--scales", default=";".join(
+        [f"{k:g},{v:g}" for k, v in SCALES] + ["oracle"]),
+        help="';'-separated key,value drift scales (and 'oracle')")
     parser.add_argument("--energy", action="store_true",
                         help="also the share of the K/V error a per-chunk mean carries, by layer")
     args = parser.parse_args()
     engine, dataset = engine_and_dataset(args)
-    base = engine.config.blend if args.ratio is None else engine.config.blend.with_ratio(args.ratio)
-    names = [f"{k:g},{v:g}" for k, v in SCALES] + ["oracle"]
+    if args.specs:
+        bases = {spec: parse_method(spec).request_blend(engine) for spec in args.specs.split(";")}
+    else:
+        blend = engine.config.blend
+        bases = {"default": blend if args.ratio is None else blend.with_ratio(args.ratio)}
+    variants = [(spec, scale) for spec in bases for scale in parse_scales(args.scales)]
+    names = [f"{spec} drift {scale if scale == 'oracle' else '{:g},{:g}'.format(*scale)}"
+             for spec, scale in variants]
     kl: dict[str, list[float]] = {name: [] for name in names}
     energy: dict = {}
     oracle = OracleDrift()
@@ -98,10 +120,10 @@ def main() -> None:
         full = engine.fusor.run(FusionPlan(torch.tensor(segments.ids), torch.arange(total),
                                            capture=True), new_kv(engine, total))
         engine.generate(GenerateRequest(segments=segments, method="reuse"))  # store the chunks
-        for name, scale in zip(names, [*SCALES, (1.0, 1.0)]):
-            request = GenerateRequest(segments=segments, method="blend",
-                                      blend=replace(base, drift=scale))
-            if name == "oracle":
+        for name, (spec, scale) in zip(names, variants):
+            blend = replace(bases[spec], drift=(1.0, 1.0) if scale == "oracle" else scale)
+            request = GenerateRequest(segments=segments, method="blend", blend=blend)
+            if scale == "oracle":
                 oracle.captured, oracle.layer = full.captured, 0
                 with oracle:
                     logits = engine.prefill(request)[1]
@@ -115,11 +137,16 @@ def main() -> None:
             shared_energy(plan, full.captured, energy)
         engine.store.clear()
     rows = []
+    first = kl[names[0]]
     for name in names:
         low, high = bootstrap_interval(mean_of, kl[name])
-        rows.append({"drift": name, "kl": mean_of(kl[name]), "ci90": [low, high]})
-        print(f"{dataset.name:10s} drift {name:8s} KL {mean_of(kl[name]):.4f} "
-              f"[{low:.4f}, {high:.4f}]")
+        diff = [a - b for a, b in zip(kl[name], first)]
+        d_low, d_high = bootstrap_interval(mean_of, diff)
+        rows.append({"variant": name, "kl": mean_of(kl[name]), "ci90": [low, high],
+                     "minus_first": mean_of(diff), "minus_first_ci90": [d_low, d_high]})
+        print(f"{dataset.name:10s} {name:50s} KL {mean_of(kl[name]):.4f} [{low:.4f}, {high:.4f}]"
+              f"  minus the first {mean_of(diff):+.4f} [{d_low:+.4f}, {d_high:+.4f}], lower on "
+              f"{sum(d < 0 for d in diff)}/{len(diff)}")
     shares = {}
     for (layer, name), (total, residual) in sorted(energy.items()):
         shares.setdefault(layer, {})[name] = 1 - residual / total if total else 0.0

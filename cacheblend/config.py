@@ -51,13 +51,13 @@ class BlendConfig:
 
     # The default, picked by measurement (docs/results.md, issue 12, rounds 4 to 6): two
     # stages. At layer 0, each chunk token's share of the last position's attention output,
-    # from a probe of every layer, keeps 20% of the chunk tokens; at layer 4, that share x the
+    # from a probe of every layer, keeps 15% of the chunk tokens; at layer 4, that share x the
     # token's KV deviation there (K and V, after the drift correction) keeps 10% (less the
     # probe's cost). A suffix too long to probe whole is probed by its last probe_tail tokens.
     # Every layer after the first corrects the drift of the rows not recomputed (``drift``).
     method: str = "blend"
     check_layers: tuple[int, ...] = (0, 4)
-    check_ratios: tuple[float, ...] = (0.2, 0.1)
+    check_ratios: tuple[float, ...] = (0.15, 0.1)
     deviation: str = "kv"
     selector: str | tuple[str, ...] = ("qa", "qkvd")
     coverage: float = 0.0
