@@ -6,12 +6,12 @@ of the chunk misses the same context, and part of the error is common to them: o
 development prompts, a per-chunk, per-KV-head mean offset (pre-RoPE) carries 14-44% of the
 key error's energy at layers 1-29 (median 28%) and 4-19% of the value error's (median 12%;
 ``benchmarks/drift_variants.py --energy``, docs/results.md, issue 12 round 5). With it, the
-default's first-token KL fell 1.4-2.9x at the same recompute on four datasets. The tokens the fusor recomputes in a chunk measure
-that offset for free: their fresh K/V minus their cached K/V. ``DriftCorrection`` adds the mean
-of it, times a scale (``BlendConfig.drift``: keys, values), to the chunk's other cached rows at
-that layer, before the layer's queries (and a check layer's selector) read them. A recomputed
-row is overwritten with its fresh
-K/V right after, so a chunk whose every token is recomputed is exactly what it was without the
+default's first-token KL fell 1.4-2.9x at the same recompute on four datasets. The tokens the
+fusor recomputes in a chunk measure that offset for free: their fresh K/V minus their cached
+K/V. ``DriftCorrection`` adds the mean of it, times a scale (``BlendConfig.drift``: keys,
+values), to the chunk's other cached rows at that layer, before the layer's queries (and a
+check layer's selector) read them. A recomputed row is overwritten with its fresh K/V right
+after, so a chunk whose every token is recomputed is exactly what it was without the
 correction (blend at ratio 1 still equals a full prefill).
 
 Keys are offset before RoPE and rotated to each row's position (a rotation is linear, so that
