@@ -152,8 +152,11 @@ class DiskStore(BlobStore):
         try:
             with self._writer_lock():
                 if path.exists():  # entries are immutable: keep it, mark it used
-                    _touch(path)
-                    return
+                    try:
+                        _touch(path)
+                        return
+                    except FileNotFoundError:  # deleted (``delete`` takes no lock): write it
+                        pass
                 self._make_room(size)
                 path.parent.mkdir(exist_ok=True)
                 with open(temp, "wb") as file:
@@ -162,7 +165,8 @@ class DiskStore(BlobStore):
                         file.flush()
                         os.fsync(file.fileno())
                 os.replace(temp, path)
-                _touch(path)
+                with suppress(FileNotFoundError):  # deleted already: a later miss, not a failure
+                    _touch(path)
         except OSError as exc:
             with suppress(OSError):
                 temp.unlink(missing_ok=True)

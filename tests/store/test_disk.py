@@ -232,3 +232,24 @@ def test_two_processes_share_a_directory(tmp_path, spawn_pool):
         assert counts["hits"] > 20, counts
         assert counts["bad"] == 0 and counts["errors"] == 0 and counts["over_budget"] == 0, counts
     assert DiskStore(tmp_path).stats().bytes <= max_bytes
+
+
+def test_a_put_racing_a_delete_stores_the_entry_without_an_error(tmp_path, monkeypatch):
+    """``delete`` takes no lock: another process may remove the entry between put's check that
+    it exists and its touch. That is an entry to write again, not a failed write (found as a
+    rare failure of test_two_processes_share_a_directory)."""
+    from cacheblend.store import disk
+
+    store = DiskStore(tmp_path)
+    store.put(_key(0), writer_entry(0, 0))
+    touch = disk._touch
+
+    def deleted_meanwhile(path):
+        monkeypatch.setattr(disk, "_touch", touch)
+        path.unlink()  # the other process's delete
+        touch(path)  # FileNotFoundError
+
+    monkeypatch.setattr(disk, "_touch", deleted_meanwhile)
+    store.put(_key(0), writer_entry(0, 0))
+    assert store.stats().errors == 0
+    assert store.get(_key(0)) is not None
