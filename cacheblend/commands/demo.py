@@ -12,7 +12,8 @@ from cacheblend.commands.demo_corpus import DOCUMENTS, QUESTIONS
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="full prefill vs CacheBlend on a sample corpus")
-    parser.add_argument("--ratio", type=float, default=0.15, help="blend recompute ratio")
+    parser.add_argument("--ratio", type=float, default=None,
+                        help="blend recompute ratio (default: the config's)")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0, help="seed for the document order")
     add_engine_args(parser)
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from cacheblend.engine import GenerateRequest
 
     engine = make_engine(args)
+    ratio = engine.config.blend.ratio if args.ratio is None else args.ratio
     documents = list(DOCUMENTS.values())
     print(f"model {engine.loaded.name} ({engine.runner.num_layers} layers), store "
           f"{engine.config.store}")
@@ -39,13 +41,13 @@ def run(args: argparse.Namespace) -> int:
         runs = {}
         for method in ("full", "blend"):
             request = GenerateRequest(question=question, documents=order, method=method,
-                                      ratio=args.ratio if method == "blend" else None,
+                                      ratio=ratio if method == "blend" else None,
                                       sampling=sampling)
             runs[method] = engine.generate(request)
         full, blend = runs["full"].stats, runs["blend"].stats
         print(f"\nQ: {question}   (expected: {expected})")
         print(f"  full  prefill   TTFT {full.ttft_s:5.2f}s  | {runs['full'].text.strip()!r}")
-        print(f"  cacheblend@{args.ratio:<4} TTFT {blend.ttft_s:5.2f}s  | "
+        print(f"  cacheblend@{ratio:<4} TTFT {blend.ttft_s:5.2f}s  | "
               f"{runs['blend'].text.strip()!r}")
         print(f"  speedup {full.ttft_s / blend.ttft_s:.1f}x; {blend.prompt_tokens} prompt tokens: "
               f"{blend.reused_tokens} reused, {blend.recomputed_tokens} recomputed, "
