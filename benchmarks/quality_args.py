@@ -26,13 +26,17 @@ def dataset_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def engine_and_dataset(args: argparse.Namespace) -> tuple[Engine, LoadedDataset]:
+def bundled_engine(threads: int) -> Engine:
     """The bundled model's engine on the CPU (in-memory store, no full-prefill fallback, so
-    every request is served as asked) on ``args.threads`` threads, and the dataset the
-    arguments name."""
-    torch.set_num_threads(args.threads)
-    engine = Engine(load_config(None, blend={"fallback": False}), store=MemoryStore(),
-                    loaded=load_model(device="cpu"))
+    every request is served as asked) on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    return Engine(load_config(None, blend={"fallback": False}), store=MemoryStore(),
+                  loaded=load_model(device="cpu"))
+
+
+def engine_and_dataset(args: argparse.Namespace) -> tuple[Engine, LoadedDataset]:
+    """``bundled_engine(args.threads)`` and the dataset the arguments name."""
+    engine = bundled_engine(args.threads)
     dataset = load_dataset(args.dataset, passage_tokens=args.passage_tokens, limit=args.limit,
                            tokenizer=engine.tokenizer)
     return engine, dataset

@@ -17,16 +17,12 @@ import json
 import statistics
 import time
 
-import torch
-from quality_args import dataset_parser
+from quality_args import bundled_engine, dataset_parser
 
-from cacheblend.config import load_config
-from cacheblend.engine import Engine, GenerateRequest
+from cacheblend.engine import GenerateRequest
 from cacheblend.eval.datasets import load_dataset
 from cacheblend.eval.methods import parse_methods
 from cacheblend.eval.prompts import build_segments
-from cacheblend.model.loader import load_model
-from cacheblend.store.memory import MemoryStore
 
 
 def main() -> None:
@@ -36,9 +32,7 @@ def main() -> None:
                         help="comma-separated specs (eval grammar); the first is the yardstick")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    engine = Engine(load_config(None, blend={"fallback": False}), store=MemoryStore(),
-                    loaded=load_model(device="cpu"))
+    engine = bundled_engine(args.threads)
     specs = parse_methods(args.methods)
     blends = {spec.label: spec.request_blend(engine) for spec in specs}
     report = {}
@@ -46,7 +40,7 @@ def main() -> None:
         dataset = load_dataset(name, passage_tokens=args.passage_tokens, limit=args.limit,
                                tokenizer=engine.tokenizer)
         ratios: dict[str, list[float]] = {spec.label: [] for spec in specs}
-        means: dict[str, list[float]] = {spec.label: [] for spec in specs}
+        medians: dict[str, list[float]] = {spec.label: [] for spec in specs}
         for example in dataset.examples:
             segments = build_segments(engine.prompts, example)
             for blend in {b.precompute: b for b in blends.values()}.values():
@@ -64,16 +58,16 @@ def main() -> None:
             yardstick = statistics.median(times[specs[0].label])
             for label, values in times.items():
                 ratios[label].append(statistics.median(values) / yardstick)
-                means[label].append(statistics.median(values))
+                medians[label].append(statistics.median(values))
             engine.store.clear()
         report[dataset.name] = {}
         for spec in specs:
             label = spec.label
             row = {"mean_ratio": statistics.mean(ratios[label]),
                    "median_ratio": statistics.median(ratios[label]),
-                   "ratio_of_means": statistics.mean(means[label]) / statistics.mean(
-                       means[specs[0].label]),
-                   "mean_s": statistics.mean(means[label])}
+                   "ratio_of_means": statistics.mean(medians[label]) / statistics.mean(
+                       medians[specs[0].label]),
+                   "mean_s": statistics.mean(medians[label])}
             report[dataset.name][label] = row
             print(f"{dataset.name:10s} {label:50s} TTFT / yardstick: mean {row['mean_ratio']:.3f}"
                   f"  median {row['median_ratio']:.3f}  of means {row['ratio_of_means']:.3f}"

@@ -68,10 +68,11 @@ class DriftCorrection:
         cached_k = apply_rope(layer_keys[:, rows].float(), self._cos, -self._sin)
         drift = torch.cat([fresh_k_raw[:, :count].float() - cached_k,
                            fresh_v[:, :count].float() - layer_values[:, rows].float()])
-        total = torch.zeros((self.num_chunks, 2 * heads * head_dim), dtype=torch.float32,
+        # One row per chunk and a last, always zero, for the rows between chunks.
+        means = torch.zeros((self.num_chunks + 1, 2 * heads * head_dim), dtype=torch.float32,
                             device=drift.device)
-        total.index_add_(0, self._chunk, drift.transpose(0, 1).reshape(count, -1))
-        means = torch.cat([total * self._share, total.new_zeros(1, total.shape[1])])  # (C + 1, .)
+        means.index_add_(0, self._chunk, drift.transpose(0, 1).reshape(count, -1)).mul_(
+            self._share)
         mean_k, mean_v = means.view(-1, 2 * heads, head_dim).transpose(0, 1).chunk(2)
         # (KV, C + 1, hd) -> (KV, R, hd): each row's offset, gathered one tensor at a time so
         # that at most two (KV, R, hd) temporaries live at once; a key offset is rotated to its
@@ -87,11 +88,12 @@ class DriftCorrection:
 
     def _track(self, positions: torch.Tensor, count: int) -> None:
         """What depends on the computed set alone, once per set: each measured row's chunk, one
-        over each chunk's count (0 for a chunk with none: its offset stays 0), the rotation."""
+        over each chunk's count (0 for a chunk with none, and for the rows between chunks: their
+        offset stays 0), the rotation."""
         self._measured = (positions, count)
         rows = positions[:count]
         self._chunk = self.chunk_of[rows]
-        tally = torch.zeros(self.num_chunks, dtype=torch.float32, device=rows.device).index_add_(
+        tally = torch.zeros(self.num_chunks + 1, dtype=torch.float32, device=rows.device).index_add_(
             0, self._chunk, torch.ones(count, dtype=torch.float32, device=rows.device))
         self._share = torch.where(tally > 0, 1.0 / tally.clamp_min(1.0), 0.0)[:, None]
         self._cos, self._sin = self.rope.cos[rows], self.rope.sin[rows]
