@@ -42,7 +42,9 @@ class BlendConfig:
     drift: (key, value) scales of the drift correction (blend/drift.py): at every layer after
     the first, each chunk's cached rows that are not recomputed are moved by the mean of
     (fresh - cached) over the chunk's recomputed tokens, times these scales; (0, 0) turns it
-    off (CacheBlend's blend).
+    off (CacheBlend's blend). drift_pool: each chunk's mean is shrunk toward the mean over
+    every chunk token recomputed at that layer, as if drift_pool tokens at that request-wide
+    mean joined the chunk's own (0: the chunk's mean alone).
     precompute: the context a chunk is computed after before it is stored (PRECOMPUTE_MODES:
     nothing, one BOS token, ``preamble``, or the request's prefix); it is part of the entry's
     key. borrow: in ``prefix`` mode, a chunk missing under the request's prefix is read from its
@@ -65,6 +67,7 @@ class BlendConfig:
     probe_tail: int = 8  # a long suffix: probe its last 8 tokens (picked on 16 SAMSum prompts)
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     drift: tuple[float, float] = DEFAULT_DRIFT
+    drift_pool: float = 0.0
     epic_k: int = 16
     # Chunks are precomputed after the request's prefix (system prompt and instruction): with
     # the query-aware default, KL halves on SAMSum and moves by under 0.01 elsewhere (slightly
@@ -112,6 +115,10 @@ class BlendConfig:
             raise ConfigError(f"drift must be two numbers >= 0 (key and value scales; [0, 0]: "
                               f"off), got {self.drift!r}")
         object.__setattr__(self, "drift", tuple(float(x) for x in self.drift))
+        if (isinstance(self.drift_pool, bool) or not isinstance(self.drift_pool, (int, float))
+                or not math.isfinite(self.drift_pool) or self.drift_pool < 0):
+            raise ConfigError(f"drift_pool must be a number >= 0, got {self.drift_pool!r}")
+        object.__setattr__(self, "drift_pool", float(self.drift_pool))
         if self.epic_k < 0 or self.first_k < 0:
             raise ConfigError("epic_k and first_k must be >= 0")
         if not isinstance(self.borrow, bool):

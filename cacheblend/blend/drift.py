@@ -14,6 +14,12 @@ check layer's selector) read them. A recomputed row is overwritten with its fres
 after, so a chunk whose every token is recomputed is exactly what it was without the
 correction (blend at ratio 1 still equals a full prefill).
 
+With ``BlendConfig.drift_pool`` = P > 0, a chunk's offset is shrunk toward the request's: the
+mean over the chunk's n measured rows and P pseudo-rows at the mean over every measured row of
+every chunk, (sum of the chunk's drifts + P x the request's mean) / (n + P). The measured rows
+are a few dozen per chunk, picked for their attention and deviation, not at random; the
+request-wide mean is steadier.
+
 Keys are offset before RoPE and rotated to each row's position (a rotation is linear, so that
 is the rotated offset). A chunk with no recomputed token at a layer is left as it is. Layer 0
 is never corrected: its K/V depend on the token alone. Everything runs on the device with fixed
@@ -30,8 +36,9 @@ from cacheblend.model.rope import RopeTable, apply_rope, rotate_half
 
 class DriftCorrection:
     def __init__(self, spans: list[tuple[int, int]], total: int, scale: tuple[float, float],
-                 rope: RopeTable, device: torch.device) -> None:
+                 rope: RopeTable, device: torch.device, pool: float = 0.0) -> None:
         self.num_chunks = len(spans)
+        self.pool = pool
         self.key_scale, self.value_scale = scale
         self.rope = rope
         # chunk_of[p]: the chunk of position p; num_chunks outside every chunk.
@@ -71,8 +78,12 @@ class DriftCorrection:
         # One row per chunk and a last, always zero, for the rows between chunks.
         means = torch.zeros((self.num_chunks + 1, 2 * heads * head_dim), dtype=torch.float32,
                             device=drift.device)
-        means.index_add_(0, self._chunk, drift.transpose(0, 1).reshape(count, -1)).mul_(
-            self._share)
+        means.index_add_(0, self._chunk, drift.transpose(0, 1).reshape(count, -1))
+        if self.pool:  # the request's mean, before the sums become means
+            request_mean = means.sum(0, keepdim=True).div_(count)
+            means.mul_(self._share).addcmul_(self._pooled, request_mean)
+        else:
+            means.mul_(self._share)
         mean_k, mean_v = means.view(-1, 2 * heads, head_dim).transpose(0, 1).chunk(2)
         # (KV, C + 1, hd) -> (KV, R, hd): each row's offset, gathered one tensor at a time so
         # that at most two (KV, R, hd) temporaries live at once; a key offset is rotated to its
@@ -88,12 +99,16 @@ class DriftCorrection:
 
     def _track(self, positions: torch.Tensor, count: int) -> None:
         """What depends on the computed set alone, once per set: each measured row's chunk, one
-        over each chunk's count (0 for a chunk with none, and for the rows between chunks: their
-        offset stays 0), the rotation."""
+        over each chunk's count plus the pool (0 for a chunk with none, and for the rows between
+        chunks: their offset stays 0), the request mean's weight, the rotation."""
         self._measured = (positions, count)
         rows = positions[:count]
         self._chunk = self.chunk_of[rows]
         tally = torch.zeros(self.num_chunks + 1, dtype=torch.float32, device=rows.device).index_add_(
             0, self._chunk, torch.ones(count, dtype=torch.float32, device=rows.device))
-        self._share = torch.where(tally > 0, 1.0 / tally.clamp_min(1.0), 0.0)[:, None]
+        measured = tally > 0
+        self._share = torch.where(measured, 1.0 / (tally + self.pool).clamp_min(1.0),
+                                  0.0)[:, None]
+        self._pooled = torch.where(measured, self.pool / (tally + self.pool).clamp_min(1.0),
+                                   0.0)[:, None]
         self._cos, self._sin = self.rope.cos[rows], self.rope.sin[rows]

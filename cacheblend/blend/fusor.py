@@ -63,6 +63,7 @@ class FusionPlan:
     # (key, value) scales of the drift correction of chunk rows not recomputed (blend/drift.py);
     # (0, 0): off.
     drift: tuple[float, float] = (0.0, 0.0)
+    drift_pool: float = 0.0  # pseudo-tokens at the request-wide mean drift per chunk
     # Derived on the host at construction:
     kind: str = field(init=False)  # attention of the active set: causal | tail | scattered
     num_chunk_active: int = field(init=False)  # active positions inside chunks
@@ -224,7 +225,8 @@ class Fusor:
             num_candidates=plan.num_chunk_active,
             recomputes_cached=plan.recomputes_cached,
             captured=[] if plan.capture else None,
-            drift=(DriftCorrection(plan.chunk_spans, total, plan.drift, self.runner.rope, device)
+            drift=(DriftCorrection(plan.chunk_spans, total, plan.drift, self.runner.rope, device,
+                                   plan.drift_pool)
                    if any(plan.drift) and plan.checks and plan.chunk_spans else None),
         )
 

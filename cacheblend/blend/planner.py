@@ -137,6 +137,7 @@ class Planner:
         # A ratio stays a share of every chunk token, spent on the inexact ones only.
         plan = FusionPlan(ids, active, cached, spans, checks, deviation=blend.deviation,
                           drift=blend.drift if checks else (0.0, 0.0),
+                          drift_pool=blend.drift_pool,
                           probe_layers=probe_layers,
                           probe_tokens=tokens if probe_layers else 0,
                           num_chunk_tokens=chunk_tokens)

@@ -22,6 +22,8 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
                | "+drift" | "+nodrift"      blend: drift correction on (the config's scales, or
                                             DEFAULT_DRIFT where the config has it off) or off
                                             (blend/drift.py; CacheBlend's blend has none)
+               | "+pool" NUMBER             blend: shrink each chunk's drift offset toward the
+                                            request's (BlendConfig.drift_pool pseudo-tokens)
                | "@" NUMBER                 blend: recompute ratio; epic: k (tokens per chunk)
     schedule  := "L" INT ["=" RATIO] ("," "L" INT ["=" RATIO])*
                                             blend: check layers and their ratios; the last
@@ -72,6 +74,7 @@ class MethodSpec:
     coverage: float | None = None
     probe_layers: int | None = None
     drift: bool | None = None
+    drift_pool: float | None = None
 
     @property
     def uses_chunks(self) -> bool:
@@ -97,6 +100,8 @@ class MethodSpec:
         if self.drift is not None:
             on = base.drift if any(base.drift) else DEFAULT_DRIFT
             changes["drift"] = on if self.drift else (0.0, 0.0)
+        if self.drift_pool is not None:
+            changes["drift_pool"] = self.drift_pool
         if self.schedule is not None:
             last_ratio = self.schedule[-1][1]
             ratio = self.ratio if last_ratio is None else last_ratio
@@ -129,7 +134,7 @@ class MethodSpec:
 
 
 _MODIFIER = re.compile(
-    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|\+drift|\+nodrift|@[0-9.]+|~[0-9.]+"
+    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|\+drift|\+nodrift|\+pool[0-9.]+|@[0-9.]+|~[0-9.]+"
     r"|\[[a-z,-]+\])")
 
 
@@ -220,6 +225,12 @@ def _apply_modifier(text: str, method: str, modifier: str, fields: dict) -> None
         once("gradual", True)
     elif modifier in ("+drift", "+nodrift"):
         once("drift", modifier == "+drift")
+    elif modifier.startswith("+pool"):
+        try:
+            pool = float(modifier[len("+pool"):])
+        except ValueError:
+            raise MethodSpecError(f"method spec {text!r}: bad pool {modifier!r}") from None
+        once("drift_pool", pool)
     elif modifier.startswith("+probe"):
         once("probe_layers", int(modifier[len("+probe"):] or -1))  # "+probe": every layer
     else:  # +firstN

@@ -17,6 +17,7 @@ from cacheblend.engine import GenerateRequest
 from cacheblend.errors import ConfigError
 from cacheblend.eval.methods import parse_method
 from cacheblend.model.random import shape_config
+from cacheblend.model.rope import apply_rope
 from cacheblend.model.runner import ModelRunner
 
 TOTAL = 20
@@ -73,6 +74,45 @@ def test_the_scales_weigh_keys_and_values_apart(rope):
     assert torch.equal(values, cached_values)  # value scale 0: values untouched
 
 
+def test_a_pool_shrinks_each_chunks_offset_toward_the_requests(rope):
+    """drift_pool P: a chunk's offset is (its n drifts' sum + P x the mean drift of every
+    measured row) / (n + P); chunks with no measured row and rows outside chunks stay put."""
+    true_k, true_v, keys, values = layer_rows(rope)
+    cached_keys, cached_values = keys.clone(), values.clone()
+    pool = 3.0
+    drift = DriftCorrection(SPANS, TOTAL, (1.0, 1.0), rope, torch.device("cpu"), pool)
+    drift.correct(COMPUTED, 5, true_k[:, COMPUTED], true_v[:, COMPUTED], keys, values)
+    def unrotate(k, rows):  # back before RoPE: the inverse rotation
+        return apply_rope(k, rope.cos[rows], -rope.sin[rows])
+
+    cached_raw_k = unrotate(cached_keys, torch.arange(TOTAL))
+    measured = COMPUTED[:5]
+    drift_k = true_k[:, measured] - cached_raw_k[:, measured]
+    drift_v = true_v[:, measured] - cached_values[:, measured]
+    request_k, request_v = drift_k.mean(1, keepdim=True), drift_v.mean(1, keepdim=True)
+    for (start, end), rows in (((2, 8), slice(0, 2)), ((8, 14), slice(2, 5))):
+        n = rows.stop - rows.start
+        want_k = (drift_k[:, rows].sum(1, keepdim=True) + pool * request_k) / (n + pool)
+        want_v = (drift_v[:, rows].sum(1, keepdim=True) + pool * request_v) / (n + pool)
+        span = torch.arange(start, end)
+        moved_k = unrotate(keys[:, span], span) - cached_raw_k[:, span]
+        assert (moved_k - want_k).abs().max() < 1e-5
+        assert (values[:, span] - cached_values[:, span] - want_v).abs().max() < 1e-5
+    untouched = [0, 1, 14, 15, 16, 17, 18, 19]
+    assert torch.equal(keys[:, untouched], cached_keys[:, untouched])
+    assert torch.equal(values[:, untouched], cached_values[:, untouched])
+
+
+def test_a_pool_of_zero_is_the_chunks_own_mean(rope):
+    true_k, true_v, keys, values = layer_rows(rope)
+    plain_keys, plain_values = keys.clone(), values.clone()
+    DriftCorrection(SPANS, TOTAL, (1.0, 0.75), rope, torch.device("cpu")).correct(
+        COMPUTED, 5, true_k[:, COMPUTED], true_v[:, COMPUTED], plain_keys, plain_values)
+    DriftCorrection(SPANS, TOTAL, (1.0, 0.75), rope, torch.device("cpu"), 0.0).correct(
+        COMPUTED, 5, true_k[:, COMPUTED], true_v[:, COMPUTED], keys, values)
+    assert torch.equal(keys, plain_keys) and torch.equal(values, plain_values)
+
+
 def test_a_drift_plan_must_compute_its_chunk_rows_first():
     """The correction reads the computed chunk rows as the head of the active set."""
     plan = {"ids": torch.arange(10), "chunk_spans": [(4, 8)],
@@ -97,6 +137,15 @@ def test_drift_config_and_specs():
     assert parse_method("blend+drift").blend_config(
         BlendConfig(drift=(0.7, 0.2))).drift == (0.7, 0.2)
     assert parse_method("blend").blend_config(off).drift == (0.0, 0.0)
+    assert BlendConfig(drift_pool=8).drift_pool == 8.0
+    assert load_config(None, blend={"drift_pool": 2.5}).blend.drift_pool == 2.5
+    for bad in (-1, float("inf"), "8", True):
+        with pytest.raises(ConfigError, match="drift_pool"):
+            BlendConfig(drift_pool=bad)
+    pooled = parse_method("blend[qa,qkvd]-kv+probe30+pool8@0.1:L0=0.15,L4")
+    assert pooled.blend_config(BlendConfig()).drift_pool == 8.0
+    assert pooled.label == "blend[qa,qkvd]-kv+probe30+pool8@0.1:L0=0.15,L4"
+    assert parse_method("blend").blend_config(BlendConfig(drift_pool=4)).drift_pool == 4.0
 
 
 QUESTIONS = ("Summarise the news articles above in one paragraph.",
@@ -158,3 +207,28 @@ def test_a_check_layer_ranks_by_the_error_the_correction_leaves(engine_factory, 
     engine.prefill(GenerateRequest(question=QUESTIONS[1], documents=documents, method="blend"))
     # The default's second stage (layer 4) ranks by deviation; the first (layer 0) does not.
     assert compared == [(True, False)]
+
+
+def test_a_requests_drift_pool_reaches_the_fusor_and_ratio_1_stays_exact(engine_factory):
+    """drift_pool travels with a request's BlendConfig into the correction (the logits move);
+    with every chunk token recomputed, blend with a pool still equals a full prefill."""
+    from cacheblend.commands.demo_corpus import DOCUMENTS
+
+    documents = list(DOCUMENTS.values())[:4]
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(documents, progress=False)
+    question = QUESTIONS[1]
+    _, full, _ = engine.prefill(GenerateRequest(question=question, documents=documents,
+                                                method="full"))
+
+    def blend_logits(**changes):
+        blend = replace(engine.config.blend, **changes)
+        return engine.prefill(GenerateRequest(question=question, documents=documents,
+                                              method="blend", blend=blend))[1:]
+
+    own, _ = blend_logits(drift_pool=0.0)
+    pooled, _ = blend_logits(drift_pool=8.0)
+    assert (own - pooled).abs().max().item() > 1e-4
+    every, stats = blend_logits(drift_pool=8.0, check_ratios=(1.0, 1.0))
+    assert stats.recomputed_tokens == stats.chunk_tokens
+    assert (every - full).abs().max().item() <= 1e-4
