@@ -137,6 +137,7 @@ def test_drift_config_and_specs():
     assert parse_method("blend+drift").blend_config(
         BlendConfig(drift=(0.7, 0.2))).drift == (0.7, 0.2)
     assert parse_method("blend").blend_config(off).drift == (0.0, 0.0)
+    assert BlendConfig().drift_pool == 10.0
     assert BlendConfig(drift_pool=8).drift_pool == 8.0
     assert load_config(None, blend={"drift_pool": 2.5}).blend.drift_pool == 2.5
     for bad in (-1, float("inf"), "8", True):
