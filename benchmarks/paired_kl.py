@@ -38,7 +38,7 @@ REUSES = ("reuse", "reuse/preamble", "reuse/prefix")
 FIELDS = {"gold": ("f1", "rouge_l"), "vs_full": ("f1_vs_full", "rouge_l_vs_full")}
 
 
-def kl_by_example(path: Path, method: str, field: str = "kl_first_token") -> dict[str, float]:
+def by_example(path: Path, method: str, field: str = "kl_first_token") -> dict[str, float]:
     """Each example's ``field`` (a row key, or one of FIELDS' names) for ``method``, from its
     last row that has it (a run resumed to decode appends a second row)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -72,7 +72,7 @@ def main() -> None:
     for dataset in args.datasets:
         path = Path(args.run) / dataset / "results.jsonl"
         path_b = Path(args.run_b or args.run) / dataset / "results.jsonl"
-        a, b = kl_by_example(path, args.a, args.field), kl_by_example(path_b, args.b, args.field)
+        a, b = by_example(path, args.a, args.field), by_example(path_b, args.b, args.field)
         common = sorted(set(a) & set(b))
         diff = [a[e] - b[e] for e in common]
         low, high = bootstrap_interval(mean_of, diff)
@@ -80,7 +80,7 @@ def main() -> None:
         print(f"{dataset:10s} n={len(common)}  {name}(A) - {name}(B) = {mean_of(diff):+.4f} "
               f"[{low:+.4f}, {high:+.4f}]  A better on {better}/{len(common)}")
         if args.pooled:
-            reuses = [kl_by_example(path, m) for m in REUSES]
+            reuses = [by_example(path, m) for m in REUSES]
             reuses = [r for r in reuses if set(common) <= set(r)]
             if not reuses:
                 parser.error(f"{dataset}: --pooled needs reuse rows for every example in A's run")
