@@ -39,6 +39,8 @@ class BlendConfig:
     layers first (-1: every layer) and rank by that attention (its cost is taken out of the
     ratio). probe_tail: a suffix too long to probe whole within half the budget (SAMSum's
     dialogue) is probed by its last probe_tail tokens; if even those do not fit, HKVD selects.
+    probe_ramp: how the probed layers weigh in the ranking: layer i of the L probed weighs
+    ((i + 1) / L) ** probe_ramp (0: every layer alike; 1: in proportion to its depth).
     drift: (key, value) scales of the drift correction (blend/drift.py): at every layer after
     the first, each chunk's cached rows that are not recomputed are moved by the mean of
     (fresh - cached) over the chunk's recomputed tokens, times these scales; (0, 0) turns it
@@ -66,6 +68,7 @@ class BlendConfig:
     coverage: float = 0.0
     probe_layers: int = -1  # != 0: query-aware selectors read a probe of the suffix (blend/probe.py)
     probe_tail: int = 8  # a long suffix: probe its last 8 tokens (picked on 16 SAMSum prompts)
+    probe_ramp: float = 0.0  # layer i of L probed weighs ((i + 1) / L) ** probe_ramp
     first_k: int = 0  # also keep the first k tokens of each chunk at check layers (0 = off)
     drift: tuple[float, float] = DEFAULT_DRIFT
     # A chunk's offset borrows 10 pseudo-tokens at the request-wide mean drift (round 7 in
@@ -129,6 +132,10 @@ class BlendConfig:
             raise ConfigError(f"borrow must be true or false, got {self.borrow!r}")
         if self.probe_tail < 1:
             raise ConfigError("probe_tail must be >= 1")
+        if (isinstance(self.probe_ramp, bool) or not isinstance(self.probe_ramp, (int, float))
+                or not math.isfinite(self.probe_ramp) or self.probe_ramp < 0):
+            raise ConfigError(f"probe_ramp must be a number >= 0, got {self.probe_ramp!r}")
+        object.__setattr__(self, "probe_ramp", float(self.probe_ramp))
         if self.probe_layers < -1:
             raise ConfigError("probe_layers must be >= 0, or -1 for every layer")
         if not 0.0 <= self.min_ratio <= 1.0:

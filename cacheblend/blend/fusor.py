@@ -57,6 +57,7 @@ class FusionPlan:
     resident: int = 0  # rows [0, resident) are in the request KV already (an earlier slice)
     probe_layers: int = 0  # > 0: query-aware selectors use a probe of the suffix, this deep (capped)
     probe_tokens: int = 0  # > 0: the probe runs only the suffix's last probe_tokens (0: all of it)
+    probe_ramp: float = 0.0  # probed layer i of L weighs ((i + 1) / L) ** probe_ramp
     # What a check ratio is a share of: every chunk token of the prompt (0: those of chunk_spans).
     # The planner leaves exact chunks out of chunk_spans (nothing to fuse) but not out of this.
     num_chunk_tokens: int = 0
@@ -188,7 +189,7 @@ class Fusor:
             probed = min(count, plan.probe_tokens or count)
             state.probed = probe_attention(runner, plan.ids, state.positions[state.n - probed:],
                                            kv, loader, plan.probe_layers,
-                                           cached_end=total - count)
+                                           cached_end=total - count, ramp=plan.probe_ramp)
         try:
             for index in range(runner.num_layers):
                 self._layer(index, plan, checks.get(index), state, kv, loader)

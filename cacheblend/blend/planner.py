@@ -140,6 +140,7 @@ class Planner:
                           drift_pool=blend.drift_pool,
                           probe_layers=probe_layers,
                           probe_tokens=tokens if probe_layers else 0,
+                          probe_ramp=blend.probe_ramp,
                           num_chunk_tokens=chunk_tokens)
         return PlannedPrefill(plan, method, blend.ratio if method == "blend" else None, lookup)
 

@@ -37,11 +37,18 @@ def suffix_count(active: torch.Tensor, spans: list[tuple[int, int]]) -> int:
     return int((active.cpu() >= end).sum())
 
 
+def layer_weights(layers: int, ramp: float) -> list[float]:
+    """How much each of ``layers`` probed layers weighs in the ranking: layer i weighs
+    ((i + 1) / layers) ** ramp (ramp 0: every layer 1, the plain mean)."""
+    return [((i + 1) / layers) ** ramp for i in range(layers)]
+
+
 def probe_attention(runner: ModelRunner, ids: torch.Tensor, suffix: torch.Tensor, kv: RequestKV,
-                    loader: LayerLoader, layers: int, cached_end: int | None = None
-                    ) -> torch.Tensor:
+                    loader: LayerLoader, layers: int, cached_end: int | None = None,
+                    ramp: float = 0.0) -> torch.Tensor:
     """(T,) the last position's output share of every position (``output_share``), averaged
-    over the first ``layers`` layers of a pass of ``suffix`` over the cached rows (T = ids' length).
+    over the first ``layers`` layers of a pass of ``suffix`` over the cached rows (T = ids'
+    length), layer i weighing ((i + 1) / layers) ** ``ramp`` (``layer_weights``).
 
     ``suffix`` is the suffix's tail that is probed: every suffix token, or, for a suffix too
     long to probe within the budget, its last few. The tokens left out are not seen: the
@@ -58,6 +65,7 @@ def probe_attention(runner: ModelRunner, ids: torch.Tensor, suffix: torch.Tensor
                      torch.cat([torch.arange(cached_end, device=device), suffix]))
     hidden = runner.embed(ids.to(device)[suffix])  # (s, D)
     mass = torch.zeros(key_positions.shape[0], device=device)
+    weights = layer_weights(layers, ramp)
     for index in range(layers):
         loader.load(index, runner.num_layers)
         q, k, v = runner.project_qkv(index, hidden)
@@ -69,13 +77,14 @@ def probe_attention(runner: ModelRunner, ids: torch.Tensor, suffix: torch.Tensor
             layer_values = torch.cat([layer_values[:, :cached_end], layer_values[:, start:]],
                                      dim=1)
         probs = suffix_probs(runner.rope.apply(q, suffix), suffix, layer_keys, key_positions)
-        mass += output_share(probs[:, :, -1], layer_values)  # the last position writes the answer
+        # The last position writes the answer.
+        mass.add_(output_share(probs[:, :, -1], layer_values), alpha=weights[index])
         if index + 1 < layers:  # the last probed layer's output is not needed
             # The weights that gave the mass also give the attention output: one softmax.
             kv_heads, group, s, keys_n = probs.shape
             attn = probs.to(layer_values.dtype).view(kv_heads, group * s, keys_n) @ layer_values
             hidden = runner.finish_layer(index, hidden, attn.view(kv_heads * group, s, -1))
-    mass /= max(1, layers)
+    mass /= max(1.0, sum(weights))  # a weighted mean (ramp 0: the plain one, as it always was)
     if whole:
         return mass
     full = torch.zeros(total, device=device)

@@ -24,6 +24,8 @@ Grammar (modifiers in any order after the base; ``/mode`` and ``:schedule`` at t
                                             (blend/drift.py; CacheBlend's blend has none)
                | "+pool" NUMBER             blend: shrink each chunk's drift offset toward the
                                             request's (BlendConfig.drift_pool pseudo-tokens)
+               | "+ramp" NUMBER             blend, with a probe: probed layer i of L weighs
+                                            ((i + 1) / L) ** NUMBER (BlendConfig.probe_ramp)
                | "@" NUMBER                 blend: recompute ratio; epic: k (tokens per chunk)
     schedule  := "L" INT ["=" RATIO] ("," "L" INT ["=" RATIO])*
                                             blend: check layers and their ratios; the last
@@ -75,6 +77,7 @@ class MethodSpec:
     probe_layers: int | None = None
     drift: bool | None = None
     drift_pool: float | None = None
+    probe_ramp: float | None = None
 
     @property
     def uses_chunks(self) -> bool:
@@ -102,6 +105,8 @@ class MethodSpec:
             changes["drift"] = on if self.drift else (0.0, 0.0)
         if self.drift_pool is not None:
             changes["drift_pool"] = self.drift_pool
+        if self.probe_ramp is not None:
+            changes["probe_ramp"] = self.probe_ramp
         if self.schedule is not None:
             last_ratio = self.schedule[-1][1]
             ratio = self.ratio if last_ratio is None else last_ratio
@@ -134,7 +139,7 @@ class MethodSpec:
 
 
 _MODIFIER = re.compile(
-    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|\+drift|\+nodrift|\+pool[0-9.]+|@[0-9.]+|~[0-9.]+"
+    r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|\+drift|\+nodrift|\+pool[0-9.]+|\+ramp[0-9.]+|@[0-9.]+|~[0-9.]+"
     r"|\[[a-z,-]+\])")
 
 
@@ -231,6 +236,12 @@ def _apply_modifier(text: str, method: str, modifier: str, fields: dict) -> None
         except ValueError:
             raise MethodSpecError(f"method spec {text!r}: bad pool {modifier!r}") from None
         once("drift_pool", pool)
+    elif modifier.startswith("+ramp"):
+        try:
+            ramp = float(modifier[len("+ramp"):])
+        except ValueError:
+            raise MethodSpecError(f"method spec {text!r}: bad ramp {modifier!r}") from None
+        once("probe_ramp", ramp)
     elif modifier.startswith("+probe"):
         once("probe_layers", int(modifier[len("+probe"):] or -1))  # "+probe": every layer
     else:  # +firstN

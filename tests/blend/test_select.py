@@ -495,3 +495,75 @@ def test_the_controllers_cost_model_follows_every_stage():
     no_fallback = BlendConfig(fallback=False)
     assert controller.decide("blend", no_fallback, chunk_tokens, chunk_tokens, 0).method == \
         "blend"
+
+
+def test_probe_ramp_weighs_each_probed_layer_by_its_depth():
+    """Layer i of L weighs ((i + 1) / L) ** ramp: ramp 0 is the plain mean; the grammar's
+    +rampN sets it; a negative, infinite or boolean ramp is a config error."""
+    from cacheblend.blend.probe import layer_weights
+    from cacheblend.eval.methods import parse_method
+
+    assert layer_weights(4, 0.0) == [1.0, 1.0, 1.0, 1.0]
+    assert layer_weights(4, 1.0) == [0.25, 0.5, 0.75, 1.0]
+    assert layer_weights(2, 2.0) == [0.25, 1.0]
+    assert BlendConfig().probe_ramp == 0.0
+    assert BlendConfig(probe_ramp=2).probe_ramp == 2.0
+    for bad in (-1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ConfigError, match="probe_ramp"):
+            BlendConfig(probe_ramp=bad)
+    spec = parse_method("blend[qa,qkvd]+probe30+ramp1.5@0.1:L0=0.15,L4")
+    assert spec.blend_config(BlendConfig()).probe_ramp == 1.5
+    assert parse_method("blend").blend_config(BlendConfig(probe_ramp=3)).probe_ramp == 3.0
+
+
+@pytest.mark.slow
+def test_a_ramped_probe_ranks_by_the_weighted_mean_of_its_layers(engine_factory, monkeypatch):
+    """The probe's mass is the weighted mean of each probed layer's output shares (recorded as
+    the probe computes them); ramp 0 gives the plain mean bit for bit; and the request's
+    probe_ramp reaches the plan the fusor runs."""
+    from cacheblend.blend import probe as probe_module
+    from cacheblend.blend.loader import LayerLoader
+    from cacheblend.engine import GenerateRequest
+    from cacheblend.kv import RequestKV
+    from cacheblend.request import RequestSettings
+
+    engine = engine_factory(store_codec="fp32")
+    engine.ingest(DOCS, progress=False)
+    blend = BlendConfig(probe_ramp=2.0, check_ratios=(0.6, 0.3))  # the suffix fits the budget
+    request = GenerateRequest(question="Where was the designer born?", documents=DOCS,
+                              method="blend", blend=blend)
+    plan = engine.planner.plan(engine.segments_for(request),
+                               RequestSettings.resolve(request, blend, "bulk")).plan
+    assert plan.probe_layers == engine.runner.num_layers and plan.probe_ramp == 2.0
+    runner, total = engine.runner, plan.ids.shape[0]
+    suffix = plan.active[plan.active.numel() - probe_module.suffix_count(plan.active,
+                                                                         plan.chunk_spans):]
+    shares = []
+    share = probe_module.output_share
+
+    def recorded(probs, values):
+        shares.append(share(probs, values))
+        return shares[-1]
+
+    monkeypatch.setattr(probe_module, "output_share", recorded)
+
+    def probe(ramp: float) -> torch.Tensor:
+        shares.clear()
+        kv = RequestKV(runner.num_layers, runner.num_kv_heads, runner.head_dim, total)
+        loader = LayerLoader(plan.cached, runner.rope, kv)
+        with torch.inference_mode():
+            mass = probe_module.probe_attention(runner, plan.ids, suffix, kv, loader, 6,
+                                                ramp=ramp)
+        loader.close()
+        return mass
+
+    ramped = probe(2.0)
+    weights = [((i + 1) / 6) ** 2 for i in range(6)]
+    expected = sum(w * s for w, s in zip(weights, shares)) / sum(weights)
+    assert len(shares) == 6 and torch.allclose(ramped, expected, atol=1e-7)
+    plain = probe(0.0)
+    total_share = shares[0].clone()
+    for layer_share in shares[1:]:
+        total_share += layer_share
+    assert torch.equal(plain, total_share / 6)
+    assert not torch.allclose(plain, ramped, atol=1e-4)  # the deeper layers rank differently
