@@ -8,6 +8,11 @@ weights for a handful of tokens, so on the CPU it costs about as much as a pass 
 
     .venv/bin/python benchmarks/probe_share.py --dataset musique,2wikimqa,multi_news,samsum \\
         --limit 6 --method 'blend[qa,qkvd]-kv+probe30+pool10@0.1:L0=0.15,L4'
+
+With ``--rows 1,17,64,160`` it times instead the model's own matmuls (fused q/k/v, o, fused
+gate/up, down) through every layer for batches of that many rows (median of ``--repeats``,
+after a warm-up): the weights are read once per layer whatever the rows, so a few rows cost
+nearly what many do.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import json
 import statistics
 import time
 
+import torch
+import torch.nn.functional as F
 from quality_args import bundled_engine, dataset_parser
 
 from cacheblend.blend import fusor, loader
@@ -55,13 +62,37 @@ class Clock:
         self.probe = self.probe_load = 0.0
 
 
+def time_layer_matmuls(runner, rows: int, repeats: int) -> float:
+    """Seconds (median) for every layer's matmuls on a batch of ``rows`` tokens."""
+    layers = [(w.qkv, w.o_proj, w.gate_up, w.down) for w in runner.layers]
+    narrow = torch.randn(rows, layers[0][0].shape[1])
+    wide = torch.randn(rows, layers[0][3].shape[1])
+    times = []
+    with torch.inference_mode():
+        for repeat in range(repeats + 1):
+            start = time.perf_counter()
+            for qkv, o_proj, gate_up, down in layers:
+                F.linear(narrow, qkv), F.linear(narrow, o_proj)
+                F.linear(narrow, gate_up), F.linear(wide, down)
+            if repeat:  # the first one warms up
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = dataset_parser(__doc__)
     parser.set_defaults(limit=6)
     parser.add_argument("--method", default="blend[qa,qkvd]-kv+probe30+pool10@0.1:L0=0.15,L4")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", help="comma-separated batch sizes: time the layer matmuls only")
     args = parser.parse_args()
     engine = bundled_engine(args.threads)
+    if args.rows:
+        for rows in (int(r) for r in args.rows.split(",")):
+            seconds = time_layer_matmuls(engine.runner, rows, args.repeats)
+            print(f"{rows:5d} rows: {1000 * seconds:.1f} ms for the matmuls of "
+                  f"{len(engine.runner.layers)} layers", flush=True)
+        return
     spec = parse_methods(args.method)[0]
     blend = spec.request_blend(engine)
     clock = Clock()
