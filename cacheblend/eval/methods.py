@@ -230,18 +230,14 @@ def _apply_modifier(text: str, method: str, modifier: str, fields: dict) -> None
         once("gradual", True)
     elif modifier in ("+drift", "+nodrift"):
         once("drift", modifier == "+drift")
-    elif modifier.startswith("+pool"):
+    elif modifier.startswith(("+pool", "+ramp")):  # +poolN: drift_pool, +rampN: probe_ramp
+        name, field = ("pool", "drift_pool") if modifier.startswith("+pool") else (
+            "ramp", "probe_ramp")
         try:
-            pool = float(modifier[len("+pool"):])
+            value = float(modifier[len(name) + 1:])
         except ValueError:
-            raise MethodSpecError(f"method spec {text!r}: bad pool {modifier!r}") from None
-        once("drift_pool", pool)
-    elif modifier.startswith("+ramp"):
-        try:
-            ramp = float(modifier[len("+ramp"):])
-        except ValueError:
-            raise MethodSpecError(f"method spec {text!r}: bad ramp {modifier!r}") from None
-        once("probe_ramp", ramp)
+            raise MethodSpecError(f"method spec {text!r}: bad {name} {modifier!r}") from None
+        once(field, value)
     elif modifier.startswith("+probe"):
         once("probe_layers", int(modifier[len("+probe"):] or -1))  # "+probe": every layer
     else:  # +firstN
