@@ -72,8 +72,15 @@ def main() -> None:
     for dataset in args.datasets:
         path = Path(args.run) / dataset / "results.jsonl"
         path_b = Path(args.run_b or args.run) / dataset / "results.jsonl"
+        for results in dict.fromkeys((path, path_b)):
+            if not results.is_file():
+                parser.error(f"{dataset}: no eval results at {results}")
         a, b = by_example(path, args.a, args.field), by_example(path_b, args.b, args.field)
         common = sorted(set(a) & set(b))
+        if not common:
+            missing = " and ".join(label for label, rows in (("A", a), ("B", b)) if not rows)
+            parser.error(f"{dataset}: no example has {args.field} for both A and B"
+                         + (f" ({missing}: none in the run)" if missing else ""))
         diff = [a[e] - b[e] for e in common]
         low, high = bootstrap_interval(mean_of, diff)
         better = sum(d < 0 if lower_is_better else d > 0 for d in diff)
