@@ -138,6 +138,9 @@ class MethodSpec:
         return replace(self.blend_config(engine.config.blend), borrow=False)
 
 
+# Modifiers "+xxxxN" that set a BlendConfig number.
+_NUMBER_FIELDS = {"+pool": "drift_pool", "+ramp": "probe_ramp"}
+
 _MODIFIER = re.compile(
     r"(-kv|-k|-v|-gradual|\+first\d+|\+probe\d*|\+drift|\+nodrift|\+pool[0-9.]+|\+ramp[0-9.]+|@[0-9.]+|~[0-9.]+"
     r"|\[[a-z,-]+\])")
@@ -230,14 +233,12 @@ def _apply_modifier(text: str, method: str, modifier: str, fields: dict) -> None
         once("gradual", True)
     elif modifier in ("+drift", "+nodrift"):
         once("drift", modifier == "+drift")
-    elif modifier.startswith(("+pool", "+ramp")):  # +poolN: drift_pool, +rampN: probe_ramp
-        name, field = ("pool", "drift_pool") if modifier.startswith("+pool") else (
-            "ramp", "probe_ramp")
+    elif modifier[:5] in _NUMBER_FIELDS:  # +poolN, +rampN
         try:
-            value = float(modifier[len(name) + 1:])
+            value = float(modifier[5:])
         except ValueError:
-            raise MethodSpecError(f"method spec {text!r}: bad {name} {modifier!r}") from None
-        once(field, value)
+            raise MethodSpecError(f"method spec {text!r}: bad {modifier[1:5]} {modifier!r}") from None
+        once(_NUMBER_FIELDS[modifier[:5]], value)
     elif modifier.startswith("+probe"):
         once("probe_layers", int(modifier[len("+probe"):] or -1))  # "+probe": every layer
     else:  # +firstN
